@@ -1,0 +1,32 @@
+"""The model architectures the toolkit knows, by the ``arch`` name stored in every config."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from mambabyte.config import MambaByteConfig
+from mambabyte.errors import UserError
+from mambabyte.model import MambaByteLM
+
+ARCHITECTURES: dict[str, tuple[type, type[nn.Module]]] = {
+    "mambabyte": (MambaByteConfig, MambaByteLM),
+}
+
+
+def _lookup(arch: str):
+    try:
+        return ARCHITECTURES[arch]
+    except KeyError:
+        raise UserError(f"unknown architecture {arch!r}; choose one of: {', '.join(ARCHITECTURES)}") from None
+
+
+def config_from_dict(values: dict):
+    """A config object from its dict form (the ``arch`` field picks the class)."""
+    config_class, _ = _lookup(values.get("arch", "mambabyte"))
+    return config_class.from_dict(values)
+
+
+def build_model(config) -> nn.Module:
+    """A freshly initialised model for ``config``."""
+    _, model_class = _lookup(config.arch)
+    return model_class(config)

@@ -1,0 +1,1 @@
+"""One module per `mambabyte` subcommand (discovered by mambabyte.cli)."""

@@ -1,0 +1,113 @@
+"""The MambaByte language model: byte embedding -> pre-norm Mamba blocks -> final RMSNorm -> tied byte head.
+
+Every model of the toolkit honours the same contract (training, evaluation and generation use only this):
+``forward(ids, state=None, return_state=False)``, ``init_state(batch)``, ``step(ids, state)``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from mambabyte.config import MambaByteConfig
+from mambabyte.mixer import LayerState, MambaMixer
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+class MambaBlock(nn.Module):
+    """Pre-norm residual block: h + mixer(norm(h)); the residual stream stays fp32."""
+
+    def __init__(self, config: MambaByteConfig):
+        super().__init__()
+        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        self.mixer = MambaMixer(config)
+
+    def forward(self, hidden: Tensor, state: LayerState | None = None, reset: Tensor | None = None):
+        out, state = self.mixer(self.norm(hidden), state, reset)
+        return hidden + out.float(), state
+
+    def step(self, hidden: Tensor, state: LayerState):
+        out, state = self.mixer.step(self.norm(hidden), state)
+        return hidden + out.float(), state
+
+
+class MambaByteLM(nn.Module):
+    def __init__(self, config: MambaByteConfig):
+        super().__init__()
+        self.config = config
+        self.embedding = nn.Embedding(config.vocab_size, config.d_model)
+        self.layers = nn.ModuleList(MambaBlock(config) for _ in range(config.n_layer))
+        self.norm_f = RMSNorm(config.d_model, config.norm_eps)
+        self._init_weights()
+
+    @torch.no_grad()
+    def _init_weights(self) -> None:
+        nn.init.normal_(self.embedding.weight, std=0.02)
+        for layer in self.layers:
+            out_proj = layer.mixer.out_proj.weight
+            nn.init.kaiming_uniform_(out_proj, a=math.sqrt(5))
+            out_proj /= math.sqrt(self.config.n_layer)  # GPT-2-style rescale of the residual branch
+
+    def head(self, hidden: Tensor) -> Tensor:
+        """Final norm and the byte head, tied to the embedding."""
+        return self.norm_f(hidden) @ self.embedding.weight.t().to(hidden.dtype)
+
+    def forward(self, ids: Tensor, state: list[LayerState] | None = None, return_state: bool = False,
+                reset: Tensor | None = None):
+        """ids (batch, length) -> logits (batch, length, 256) fp32, and the state after the last byte if asked.
+
+        ``state`` continues from an earlier call; ``reset`` (batch, length) bool starts a fresh document there.
+        """
+        hidden = self.embedding(ids).float()
+        new_state = []
+        for i, layer in enumerate(self.layers):
+            hidden, layer_state = layer(hidden, None if state is None else state[i], reset)
+            new_state.append(layer_state)
+        logits = self.head(hidden).float()
+        return (logits, new_state) if return_state else logits
+
+    def step(self, ids: Tensor, state: list[LayerState]) -> tuple[Tensor, list[LayerState]]:
+        """One byte per row: ids (batch,) -> (logits (batch, 256) fp32, next state)."""
+        hidden = self.embedding(ids).float()
+        new_state = []
+        for layer, layer_state in zip(self.layers, state):
+            hidden, layer_state = layer.step(hidden, layer_state)
+            new_state.append(layer_state)
+        return self.head(hidden).float(), new_state
+
+    def init_state(self, batch: int, device=None, dtype=None) -> list[LayerState]:
+        """The empty state: zeros, one (conv, ssm) pair per layer."""
+        device = device or self.embedding.weight.device
+        dtype = dtype or self.embedding.weight.dtype
+        return [layer.mixer.init_state(batch, device, dtype) for layer in self.layers]
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_byte(self) -> int:
+        """Forward FLOPs for one byte: 2 per multiply-add of every projection, the conv, the scan and the head."""
+        c = self.config
+        projections = c.d_model * 2 * c.d_inner + c.d_inner * (c.dt_rank + 2 * c.d_state) + c.dt_rank * c.d_inner
+        projections += c.d_inner * c.d_model
+        conv = c.d_conv * c.d_inner
+        scan = 4 * c.d_inner * c.d_state  # decay*h + (delta*B)*x, then C.h: ~4 multiply-adds per state entry
+        per_layer = 2 * (projections + conv + scan)
+        return c.n_layer * per_layer + 2 * c.d_model * c.vocab_size
+
+    def state_bytes_per_layer(self, batch: int = 1) -> int:
+        """Bytes of decoding state per layer (conv window in the weights' dtype, SSM state in fp32)."""
+        c = self.config
+        weight_bytes = self.embedding.weight.element_size()
+        return batch * c.d_inner * ((c.d_conv - 1) * weight_bytes + c.d_state * 4)
