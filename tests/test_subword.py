@@ -36,3 +36,19 @@ def test_errors(tmp_path):
     (tmp_path / "tokenizer.json").write_text("{not json")
     with pytest.raises(UserError):
         SubwordTokenizer.load(tmp_path)
+
+
+def test_tokenizer_cli(tmp_path):
+    import subprocess
+    import sys
+
+    (tmp_path / "docs").mkdir()
+    for i, doc in enumerate(DOCS):
+        (tmp_path / "docs" / f"{i}.txt").write_bytes(doc)
+    cmd = [sys.executable, "-m", "mambabyte.cli", "tokenizer", "train", "--data", str(tmp_path / "docs"),
+           "--vocab-size", "300", "--out", str(tmp_path / "tok")]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert SubwordTokenizer.load(tmp_path / "tok").vocab_size <= 300
+    bad = subprocess.run(cmd[:6] + ["100"] + cmd[7:], capture_output=True, text=True)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr

@@ -62,9 +62,15 @@ PRESETS: dict[str, MambaByteConfig] = {
 }
 
 
-def preset(name: str) -> MambaByteConfig:
-    """The config of a named preset; a one-line error for an unknown name."""
+def preset(name: str, arch: str = "mambabyte"):
+    """The config of a named preset of an architecture; a one-line error for an unknown name."""
+    if arch == "mambabyte":
+        presets = PRESETS
+    else:
+        from mambabyte.architectures import presets_for  # deferred: the baselines import torch
+
+        presets = presets_for(arch)
     try:
-        return PRESETS[name]
+        return presets[name]
     except KeyError:
-        raise UserError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}") from None
+        raise UserError(f"unknown {arch} preset {name!r}; choose one of: {', '.join(presets)}") from None

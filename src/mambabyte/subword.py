@@ -13,6 +13,9 @@ from collections.abc import Iterable
 from functools import cached_property
 from pathlib import Path
 
+import numpy as np
+
+from mambabyte.data import ByteCorpus
 from mambabyte.errors import UserError
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -109,3 +112,15 @@ class SubwordTokenizer:
     def decode(self, ids: Iterable[int]) -> bytes:
         table = self.token_bytes
         return b"".join(table[i] for i in ids)
+
+
+def tokenize_corpus(corpus: ByteCorpus, tokenizer: SubwordTokenizer, separator: bytes) -> ByteCorpus:
+    """The corpus as token ids (int32), each document prefixed with the separator's tokens.
+
+    Sample it with ``WindowSampler(..., separator=b"")``: the separator is already part of every document.
+    """
+    prefix = tokenizer.encode(separator)
+    documents = [np.asarray(prefix + tokenizer.encode(doc), dtype=np.int32) for doc in corpus.documents()]
+    ends = np.cumsum([len(doc) for doc in documents])
+    data = np.concatenate(documents) if documents else np.zeros(0, dtype=np.int32)
+    return ByteCorpus(data, ends - np.array([len(doc) for doc in documents]), ends, f"{corpus.name} (tokens)")

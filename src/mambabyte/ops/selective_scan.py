@@ -35,10 +35,13 @@ def _discretize(x, dt, A, B, dt_bias, reset):
 
 def _readout(h, x, C, D, z):
     """y = C . h + D * x, gated by silu(z); computed in fp32."""
-    y = torch.einsum("bldn,bln->bld", h, C.float()) + D.float() * x.float()
-    if z is not None:
-        y = y * F.silu(z.float())
-    return y
+    return skip_and_gate(torch.einsum("bldn,bln->bld", h, C.float()), x, D, z)
+
+
+def skip_and_gate(y: Tensor, x: Tensor, D: Tensor, z: Tensor | None) -> Tensor:
+    """The readout's last part, in fp32: (y + D * x) * silu(z), or y + D * x without z."""
+    y = y + D.float() * x.float()
+    return y if z is None else y * F.silu(z.float())
 
 
 def selective_scan_ref(

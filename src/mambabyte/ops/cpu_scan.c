@@ -1,0 +1,210 @@
+/* The selective scan of Mamba-1 on the CPU, in fp32: forward, backward and one decoding step.
+ *
+ * Built at first use by mambabyte/ops/cpu_kernels.py (gcc -O3 -march=native) and called through ctypes.
+ * Channels are processed LANES at a time so that the compiler vectorises across channels, and every
+ * state entry h[n][lane] stays in registers or L1 while the loop walks over time. Nothing of size
+ * (batch, length, d_inner, d_state) is ever stored: the forward keeps the state at chunk boundaries and
+ * the backward recomputes one chunk at a time.
+ *
+ * Layouts (all contiguous fp32): x, delta, y, grads (batch, length, d_inner); B, C (batch, length, d_state);
+ * A_t (d_state, d_inner) i.e. A transposed; states (batch, d_inner, d_state);
+ * checkpoints (batch, n_chunks, d_inner, d_state); keep (batch, length): 0 where a document starts, else 1.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define LANES 16
+
+/* exp(x) accurate to ~2 ulp (Cephes polynomial), written so that the compiler vectorises it. */
+static inline float exp_approx(float x) {
+    x = fminf(fmaxf(x, -87.0f), 88.0f);
+    float k = rintf(x * 1.44269504088896341f);
+    float r = x - k * 0.693359375f + k * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    union { int32_t i; float f; } scale;
+    scale.i = ((int32_t)k + 127) << 23;
+    return p * scale.f;
+}
+
+/* One block of `w` channels starting at d0 of batch row b, over all positions. */
+static inline __attribute__((always_inline)) void forward_block(
+    const int w, const int64_t b, const int64_t d0, const int64_t L, const int64_t D, const int64_t N,
+    const float *x, const float *delta, const float *A_t, const float *Bm, const float *Cm, const float *h0,
+    const float *keep, float *y, float *final_state, float *checkpoints, const int64_t chunk) {
+    float h[N][LANES];
+    for (int64_t n = 0; n < N; n++)
+        for (int i = 0; i < w; i++) h[n][i] = h0 ? h0[(b * D + d0 + i) * N + n] : 0.0f;
+    const int64_t n_chunks = (L + chunk - 1) / chunk;
+    for (int64_t t = 0; t < L; t++) {
+        if (checkpoints && t % chunk == 0) {
+            float *ck = checkpoints + ((b * n_chunks + t / chunk) * D + d0) * N;
+            for (int i = 0; i < w; i++)
+                for (int64_t n = 0; n < N; n++) ck[i * N + n] = h[n][i];
+        }
+        const int64_t row = b * L + t;
+        const float kp = keep ? keep[row] : 1.0f;
+        const float *xt = x + row * D + d0, *dt = delta + row * D + d0;
+        const float *Bt = Bm + row * N, *Ct = Cm + row * N;
+        float dx[LANES], acc[LANES];
+        for (int i = 0; i < w; i++) { dx[i] = dt[i] * xt[i]; acc[i] = 0.0f; }
+        for (int64_t n = 0; n < N; n++) {
+            const float *a = A_t + n * D + d0;
+            const float bn = Bt[n], cn = Ct[n];
+            for (int i = 0; i < w; i++) {
+                h[n][i] = kp * exp_approx(dt[i] * a[i]) * h[n][i] + dx[i] * bn;
+                acc[i] += cn * h[n][i];
+            }
+        }
+        float *yt = y + row * D + d0;
+        for (int i = 0; i < w; i++) yt[i] = acc[i];
+    }
+    for (int i = 0; i < w; i++)
+        for (int64_t n = 0; n < N; n++) final_state[(b * D + d0 + i) * N + n] = h[n][i];
+}
+
+/* y_t = C_t . h_t over channel blocks [block_begin, block_end); checkpoints may be NULL (no backward). */
+void scan_forward(const float *x, const float *delta, const float *A_t, const float *Bm, const float *Cm,
+                  const float *h0, const float *keep, float *y, float *final_state, float *checkpoints,
+                  int64_t batch, int64_t L, int64_t D, int64_t N, int64_t chunk,
+                  int64_t block_begin, int64_t block_end) {
+    for (int64_t blk = block_begin; blk < block_end; blk++) {
+        const int64_t d0 = blk * LANES;
+        const int64_t w = D - d0 < LANES ? D - d0 : LANES;
+        for (int64_t b = 0; b < batch; b++) {
+            if (w == LANES)
+                forward_block(LANES, b, d0, L, D, N, x, delta, A_t, Bm, Cm, h0, keep, y, final_state, checkpoints, chunk);
+            else
+                forward_block((int)w, b, d0, L, D, N, x, delta, A_t, Bm, Cm, h0, keep, y, final_state, checkpoints, chunk);
+        }
+    }
+}
+
+static inline __attribute__((always_inline)) void backward_block(
+    const int w, const int64_t b, const int64_t d0, const int64_t L, const int64_t D, const int64_t N,
+    const float *x, const float *delta, const float *A_t, const float *Bm, const float *Cm, const float *keep,
+    const float *checkpoints, const int64_t chunk, const float *grad_y, const float *grad_final,
+    float *grad_x, float *grad_delta, float *grad_A_t, float *grad_B, float *grad_C, float *grad_h0,
+    float *decays, float *states) {
+    const int64_t n_chunks = (L + chunk - 1) / chunk;
+    float g[N][LANES];  /* dLoss/dh_t through the future, i.e. already multiplied by decay_{t+1} */
+    float gA[N][LANES];
+    for (int64_t n = 0; n < N; n++)
+        for (int i = 0; i < w; i++) {
+            g[n][i] = grad_final ? grad_final[(b * D + d0 + i) * N + n] : 0.0f;
+            gA[n][i] = 0.0f;
+        }
+    for (int64_t c = n_chunks - 1; c >= 0; c--) {
+        const int64_t t0 = c * chunk, t1 = t0 + chunk < L ? t0 + chunk : L;
+        const float *ck = checkpoints + ((b * n_chunks + c) * D + d0) * N;
+        float h[N][LANES];
+        for (int i = 0; i < w; i++)
+            for (int64_t n = 0; n < N; n++) h[n][i] = ck[i * N + n];
+        for (int64_t t = t0; t < t1; t++) {  /* recompute the chunk's decays and states */
+            const int64_t row = b * L + t;
+            const float kp = keep ? keep[row] : 1.0f;
+            const float *xt = x + row * D + d0, *dt = delta + row * D + d0, *Bt = Bm + row * N;
+            float *dec = decays + (t - t0) * N * LANES, *st = states + (t - t0 + 1) * N * LANES;
+            for (int64_t n = 0; n < N; n++) {
+                const float *a = A_t + n * D + d0;
+                const float bn = Bt[n];
+                for (int i = 0; i < w; i++) {
+                    dec[n * LANES + i] = kp * exp_approx(dt[i] * a[i]);
+                    h[n][i] = dec[n * LANES + i] * h[n][i] + dt[i] * xt[i] * bn;
+                    st[n * LANES + i] = h[n][i];
+                }
+            }
+        }
+        for (int64_t n = 0; n < N; n++)  /* states[0] is the state before the chunk */
+            for (int i = 0; i < w; i++) states[n * LANES + i] = ck[i * N + n];
+        for (int64_t t = t1 - 1; t >= t0; t--) {
+            const int64_t row = b * L + t;
+            const float *xt = x + row * D + d0, *dt = delta + row * D + d0, *gy = grad_y + row * D + d0;
+            const float *Bt = Bm + row * N, *Ct = Cm + row * N;
+            const float *dec = decays + (t - t0) * N * LANES;
+            const float *prev = states + (t - t0) * N * LANES, *cur = states + (t - t0 + 1) * N * LANES;
+            float gx[LANES], gd[LANES];
+            for (int i = 0; i < w; i++) { gx[i] = 0.0f; gd[i] = 0.0f; }
+            for (int64_t n = 0; n < N; n++) {
+                const float *a = A_t + n * D + d0;
+                const float bn = Bt[n], cn = Ct[n];
+                float gc = 0.0f, gb = 0.0f;
+                for (int i = 0; i < w; i++) {
+                    gc += gy[i] * cur[n * LANES + i];
+                    const float gh = g[n][i] + gy[i] * cn;  /* dLoss/dh_t */
+                    const float gdec = gh * prev[n * LANES + i] * dec[n * LANES + i];  /* times d decay / d(delta*A) */
+                    gd[i] += gdec * a[i] + gh * bn * xt[i];
+                    gA[n][i] += gdec * dt[i];
+                    gx[i] += gh * dt[i] * bn;
+                    gb += gh * dt[i] * xt[i];
+                    g[n][i] = gh * dec[n * LANES + i];
+                }
+                grad_C[row * N + n] += gc;
+                grad_B[row * N + n] += gb;
+            }
+            float *out_x = grad_x + row * D + d0, *out_d = grad_delta + row * D + d0;
+            for (int i = 0; i < w; i++) { out_x[i] = gx[i]; out_d[i] = gd[i]; }
+        }
+    }
+    for (int64_t n = 0; n < N; n++)
+        for (int i = 0; i < w; i++) grad_A_t[n * D + d0 + i] += gA[n][i];
+    if (grad_h0)
+        for (int i = 0; i < w; i++)
+            for (int64_t n = 0; n < N; n++) grad_h0[(b * D + d0 + i) * N + n] = g[n][i];
+}
+
+/* Gradients of scan_forward over channel blocks [block_begin, block_end).
+ * grad_x, grad_delta, grad_h0 are written; grad_A_t (zeroed by the caller) and this worker's own
+ * grad_B, grad_C (zeroed, summed over workers by the caller) are accumulated. Returns 0, or 1 if out of memory. */
+int scan_backward(const float *x, const float *delta, const float *A_t, const float *Bm, const float *Cm,
+                  const float *keep, const float *checkpoints, const float *grad_y, const float *grad_final,
+                  float *grad_x, float *grad_delta, float *grad_A_t, float *grad_B, float *grad_C, float *grad_h0,
+                  int64_t batch, int64_t L, int64_t D, int64_t N, int64_t chunk,
+                  int64_t block_begin, int64_t block_end) {
+    float *decays = malloc(sizeof(float) * chunk * N * LANES);
+    float *states = malloc(sizeof(float) * (chunk + 1) * N * LANES);
+    if (!decays || !states) { free(decays); free(states); return 1; }
+    for (int64_t blk = block_begin; blk < block_end; blk++) {
+        const int64_t d0 = blk * LANES;
+        const int64_t w = D - d0 < LANES ? D - d0 : LANES;
+        for (int64_t b = 0; b < batch; b++) {
+            if (w == LANES)
+                backward_block(LANES, b, d0, L, D, N, x, delta, A_t, Bm, Cm, keep, checkpoints, chunk, grad_y,
+                               grad_final, grad_x, grad_delta, grad_A_t, grad_B, grad_C, grad_h0, decays, states);
+            else
+                backward_block((int)w, b, d0, L, D, N, x, delta, A_t, Bm, Cm, keep, checkpoints, chunk, grad_y,
+                               grad_final, grad_x, grad_delta, grad_A_t, grad_B, grad_C, grad_h0, decays, states);
+        }
+    }
+    free(decays);
+    free(states);
+    return 0;
+}
+
+/* One decoding position: delta = softplus(dt + dt_bias); h = exp(delta*A) h + delta x B;
+ * y = (C . h + D x) * silu(z). x, dt, z, y (batch, d_inner); B, C (batch, d_state); A (d_inner, d_state). */
+void scan_step(const float *x, const float *dt, const float *A, const float *Bm, const float *Cm,
+               const float *Dv, const float *dt_bias, const float *z, const float *state, float *y,
+               float *next_state, int64_t batch, int64_t D, int64_t N) {
+    for (int64_t b = 0; b < batch; b++)
+        for (int64_t d = 0; d < D; d++) {
+            const int64_t i = b * D + d;
+            const float v = dt[i] + dt_bias[d];
+            const float delta = v > 20.0f ? v : log1pf(expf(v));
+            const float *a = A + d * N, *h = state + i * N, *Bt = Bm + b * N, *Ct = Cm + b * N;
+            float *hn = next_state + i * N;
+            float acc = 0.0f;
+            for (int64_t n = 0; n < N; n++) {
+                hn[n] = exp_approx(delta * a[n]) * h[n] + delta * x[i] * Bt[n];
+                acc += Ct[n] * hn[n];
+            }
+            y[i] = (acc + Dv[d] * x[i]) * z[i] / (1.0f + expf(-z[i]));
+        }
+}

@@ -1,0 +1,76 @@
+"""The Triton kernels against the references, in Triton's CPU interpreter (tiny shapes: it is slow)."""
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: kernels defined from here on run on the CPU
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton")
+
+from test_ops import GRAD_INPUTS, PER_POSITION, assert_close_scaled, run_scan, scan_inputs  # noqa: E402
+
+from mambabyte.ops.dispatch import selective_step_torch  # noqa: E402
+from mambabyte.ops.selective_scan import selective_scan_ref  # noqa: E402
+from mambabyte.ops.triton_scan import selective_scan_triton  # noqa: E402
+from mambabyte.ops.triton_step import selective_step_triton  # noqa: E402
+
+CASES = [  # (batch, length, d_inner, d_state): lengths around the interpreter's chunk of 8, channels past a tile of 4
+    (2, 1, 3, 2),
+    (1, 8, 4, 4),
+    (2, 19, 6, 3),
+]
+
+
+def check_matches_reference(inputs, reset, dtype):
+    """Outputs, final state and every gradient of the Triton scan against the sequential reference."""
+    y, final, grads = run_scan(selective_scan_triton, inputs, reset)
+    y_ref, final_ref, grads_ref = run_scan(selective_scan_ref, inputs, reset)
+    assert y.dtype == inputs["x"].dtype and final.dtype == torch.float32
+    assert_close_scaled(y, y_ref, dtype, "y")
+    assert_close_scaled(final, final_ref, dtype, "final state")
+    assert set(grads) == {k for k in GRAD_INPUTS if inputs[k] is not None}
+    for name, grad in grads.items():
+        assert grad is not None and grad.dtype == inputs[name].dtype, f"gradient of {name}"
+        assert_close_scaled(grad, grads_ref[name], dtype, f"grad {name}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", CASES)
+@pytest.mark.parametrize("with_state", [False, True])
+@pytest.mark.parametrize("reset_rate", [0.0, 0.3])
+def test_scan_matches_reference(dtype, shape, with_state, reset_rate):
+    batch, length, d_inner, d_state = shape
+    inputs, reset = scan_inputs(batch, length, d_inner, d_state, dtype, seed=length + d_inner, with_state=with_state,
+                                reset_rate=reset_rate)
+    check_matches_reference(inputs, reset, dtype)
+
+
+def test_scan_without_gate():
+    inputs, _ = scan_inputs(2, 11, 5, 4, torch.float32, seed=7)
+    check_matches_reference({**inputs, "z": None}, None, torch.float32)
+
+
+def test_scan_reads_strided_views():
+    """x and z as the two halves of one in_proj output, as the mixer passes them: no copy, same result."""
+    inputs, _ = scan_inputs(2, 10, 5, 3, torch.float32, seed=9)
+    xz = torch.cat([inputs["x"], inputs["z"]], dim=-1)
+    x, z = xz.chunk(2, dim=-1)
+    y, final = selective_scan_triton(**{**inputs, "x": x, "z": z})
+    y_expected, final_expected = selective_scan_triton(**inputs)
+    torch.testing.assert_close(y, y_expected)
+    torch.testing.assert_close(final, final_expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_step_matches_torch_step(dtype):
+    inputs, _ = scan_inputs(3, 1, 6, 3, dtype, seed=4)
+    per_t = {n: inputs[n][:, 0] for n in PER_POSITION}
+    args = dict(A=inputs["A"], D=inputs["D"], dt_bias=inputs["dt_bias"], state=inputs["initial_state"], **per_t)
+    y, state = selective_step_triton(**args)
+    y_expected, state_expected = selective_step_torch(**args)
+    assert y.dtype == dtype and state.dtype == torch.float32
+    tolerance = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(y.float(), y_expected.float(), **tolerance)
+    torch.testing.assert_close(state, state_expected, atol=1e-5, rtol=1e-4)
