@@ -1,5 +1,8 @@
 """The byte Transformer and MegaByte baselines: the model contract, causality, sizes, FLOPs, checkpoints."""
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 from torch.utils._pytree import tree_map
@@ -103,13 +106,50 @@ def test_training_step_reaches_every_parameter(model):
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
 
 
-def test_resets_are_refused_in_one_line(model):
+def test_megabyte_refuses_resets_in_one_line():
+    model = perturbed_model("megabyte")
     ids = random_ids(1, 4)
     reset = torch.zeros(1, 4, dtype=torch.bool)
     model(ids, reset=reset)  # no document starts: nothing to refuse
     reset[0, 2] = True
     with pytest.raises(UserError, match="cannot start a document inside a row"):
         model(ids, reset=reset)
+
+
+@torch.no_grad()
+def test_transformer_reset_equals_running_the_documents_alone():
+    model = perturbed_model("transformer")
+    first, second = random_ids(1, 5, seed=6), random_ids(1, 7, seed=7)
+    alone = model(second)
+    reset = torch.zeros(1, 12, dtype=torch.bool)
+    reset[0, 5] = True
+    packed = model(torch.cat([first, second], dim=1), reset=reset)
+    torch.testing.assert_close(packed[:, 5:], alone, atol=1e-5, rtol=1e-5)
+    # the same with the reset inside a continued forward, then steps after it
+    _, state = model(first, return_state=True)
+    head, state = model(second[:, :3], state=state, return_state=True, reset=reset[:, 5:8])
+    torch.testing.assert_close(head, alone[:, :3], atol=1e-5, rtol=1e-5)
+    for t in range(3, 7):
+        logits, state = model.step(second[:, t], state)
+        torch.testing.assert_close(logits, alone[:, t], atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_transformer_left_padded_rows_equal_rows_alone():
+    """Batched prompts of different lengths, as the generator reads them: padding never reaches a row."""
+    model = perturbed_model("transformer")
+    rows = [random_ids(1, 9, seed=8), random_ids(1, 4, seed=9)]
+    padded = torch.cat([rows[0], torch.cat([torch.zeros(1, 5, dtype=torch.long), rows[1]], dim=1)])
+    reset = torch.zeros(2, 9, dtype=torch.bool)
+    reset[0, 0] = reset[1, 5] = True
+    logits, state = model(padded, reset=reset, return_state=True)
+    next_bytes = torch.tensor([3, 4])
+    step_logits, _ = model.step(next_bytes, state)
+    for row, ids in enumerate(rows):
+        alone, row_state = model(ids, return_state=True)
+        torch.testing.assert_close(logits[row, -ids.shape[1]:], alone[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(step_logits[row], model.step(next_bytes[row:row + 1], row_state)[0][0],
+                                   atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("arch", BASELINES)
@@ -171,6 +211,27 @@ def test_transformer_state_grows_with_context_megabyte_per_patch():
     transformer, megabyte = perturbed_model("transformer"), perturbed_model("megabyte")
     with torch.no_grad():
         _, state = transformer(random_ids(1, 9), return_state=True)
-        assert state[0].keys.shape[2] == 9
+        assert state.caches[0].keys.shape[2] == 9
         _, state = megabyte(random_ids(1, 9), return_state=True)
     assert state.global_cache[0].keys.shape[2] == 3 and state.local_cache[0].keys.shape[2] == 1
+
+
+def test_compare_benchmark_tiny_smoke(tmp_path):
+    """benchmarks/compare.py --tiny trains all three with the library trainer and writes its table and plot."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "compare.py"
+    spec = importlib.util.spec_from_file_location("compare_benchmark", path)
+    compare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare)
+    results = compare.main(["--tiny", "--out", str(tmp_path)])
+    assert [r["arch"] for r in results] == ["mambabyte", "transformer", "megabyte"]
+    budget = 5e8
+    for r in results:
+        assert budget <= r["train_flops"] < 1.5 * budget  # compute-matched: the budget, rounded up to whole steps
+        assert 0 < r["held_out_bpb"]["sliding_window"] < 8.5 and 0 < r["held_out_bpb"]["state_carried"] < 8.5
+        assert len(r["curve"]) >= 2 and all(g["bytes_per_second"] > 0 for g in r["generation"])
+    transformer_state = [g["state_mb"] for g in results[1]["generation"]]
+    mamba_state = [g["state_mb"] for g in results[0]["generation"]]
+    assert transformer_state[1] > transformer_state[0] and mamba_state[1] == mamba_state[0]  # KV cache vs fixed state
+    table = (tmp_path / "compare.md").read_text()
+    assert table.count("\n| ") == 4  # header + 3 rows
+    assert (tmp_path / "compare.png").stat().st_size > 0 and (tmp_path / "compare.json").exists()

@@ -19,7 +19,7 @@ from mambabyte.checkpoint import save_pretrained
 from mambabyte.cli import main
 from mambabyte.compressors import compressor_bits_per_byte
 from mambabyte.config import preset
-from mambabyte.evaluate import (LossTally, bucket_range, count_words, document_losses, evaluate,
+from mambabyte.evaluate import (LossTally, bucket_range, count_words, document_losses, evaluate, first_bytes,
                                 separator_from_info, word_perplexity)
 
 DOCUMENTS = [
@@ -133,6 +133,11 @@ def test_compressor_bits_per_byte_is_compressed_size_over_size():
     assert compressor_bits_per_byte(data) == pytest.approx(expected)
 
 
+def test_first_bytes_cuts_the_data_in_document_order():
+    assert first_bytes([b"abc", b"defg", b"hi"], 5) == [b"abc", b"de"]
+    assert first_bytes([b"abc"], 10) == [b"abc"]
+
+
 def test_word_perplexity_follows_the_paper_convention():
     assert count_words([b"two words\n", b"  three\tmore words "]) == 5
     assert word_perplexity(1.0, 10, 5) == pytest.approx(4.0)  # 2 ** (1.0 * 10 / 5)
@@ -183,9 +188,11 @@ def test_eval_json_reports_bits_per_byte_beside_compressors(model, checkpoint_an
 
 def test_eval_prints_a_table_with_the_compressors(checkpoint_and_data, capsys):
     checkpoint, data = checkpoint_and_data
-    assert main(["eval", str(checkpoint), "--data", str(data), "--stride", "4", "--window", "16", "--quiet"]) == 0
+    assert main(["eval", str(checkpoint), "--data", str(data), "--stride", "4", "--quiet", "--max-bytes", "150"]) == 0
     out = capsys.readouterr().out
-    for expected in ("sliding window of 16 bytes, stride 4", "xz -9", "gzip -9", "bzip2 -9", "word-level perplexity"):
+    # without --window a sliding window is as long as the training length (metadata "window": 32)
+    for expected in ("150 bytes", "sliding window of 32 bytes, stride 4", "xz -9", "gzip -9", "bzip2 -9",
+                     "word-level perplexity"):
         assert expected in out
 
 

@@ -11,8 +11,10 @@ pytest.importorskip("triton")
 
 from test_ops import GRAD_INPUTS, PER_POSITION, assert_close_scaled, run_scan, scan_inputs  # noqa: E402
 
+from mambabyte.ops.causal_conv import causal_conv1d  # noqa: E402
 from mambabyte.ops.dispatch import selective_step_torch  # noqa: E402
 from mambabyte.ops.selective_scan import selective_scan_ref  # noqa: E402
+from mambabyte.ops.triton_conv import causal_conv1d_triton  # noqa: E402
 from mambabyte.ops.triton_scan import selective_scan_triton  # noqa: E402
 from mambabyte.ops.triton_step import selective_step_triton  # noqa: E402
 
@@ -38,8 +40,7 @@ def check_matches_reference(inputs, reset, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", CASES)
-@pytest.mark.parametrize("with_state", [False, True])
-@pytest.mark.parametrize("reset_rate", [0.0, 0.3])
+@pytest.mark.parametrize(("with_state", "reset_rate"), [(False, 0.0), (True, 0.0), (True, 0.3)])
 def test_scan_matches_reference(dtype, shape, with_state, reset_rate):
     batch, length, d_inner, d_state = shape
     inputs, reset = scan_inputs(batch, length, d_inner, d_state, dtype, seed=length + d_inner, with_state=with_state,
@@ -74,3 +75,33 @@ def test_step_matches_torch_step(dtype):
     tolerance = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
     torch.testing.assert_close(y.float(), y_expected.float(), **tolerance)
     torch.testing.assert_close(state, state_expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("length", [1, 2, 19])
+@pytest.mark.parametrize("with_state", [False, True])
+@pytest.mark.parametrize("with_reset", [False, True])
+def test_conv_matches_reference(dtype, length, with_state, with_reset):
+    """Output, carried window and the gradients of x, weight, bias and the incoming window."""
+    g = torch.Generator().manual_seed(length)
+    batch, channels, kernel = 2, 6, 4
+    leaves = {
+        "x": torch.randn(batch, length, channels, generator=g).to(dtype),
+        "weight": torch.randn(channels, 1, kernel, generator=g),
+        "bias": torch.randn(channels, generator=g),
+        "conv_state": torch.randn(batch, channels, kernel - 1, generator=g).to(dtype) if with_state else None,
+    }
+    reset = torch.rand(batch, length, generator=g) < 0.3 if with_reset else None
+    results = []
+    for conv in (causal_conv1d_triton, causal_conv1d):
+        inputs = {k: None if v is None else v.clone().requires_grad_() for k, v in leaves.items()}
+        out, window = conv(**inputs, reset=reset)
+        weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+        ((out.float() * weights).sum() + window.float().square().sum()).backward()
+        results.append((out, window, {k: v.grad for k, v in inputs.items() if v is not None}))
+    (out, window, grads), (out_ref, window_ref, grads_ref) = results
+    assert out.dtype == dtype and window.dtype == dtype
+    assert_close_scaled(out, out_ref, dtype, "out")
+    assert_close_scaled(window, window_ref, dtype, "window")
+    for name, grad in grads.items():
+        assert_close_scaled(grad, grads_ref[name], dtype, f"grad {name}")

@@ -31,7 +31,7 @@ from tqdm import tqdm
 from mambabyte.errors import UserError
 
 DEFAULT_SEPARATOR = b"\x00"
-DEFAULT_WINDOW = 4096
+DEFAULT_WINDOW = 1024  # with the state carried it only bounds memory: a scan may hold (batch, window, d_inner, d_state)
 
 
 @dataclass(frozen=True)
@@ -126,11 +126,13 @@ def _cross_entropy(model: nn.Module, inputs: Tensor, targets: Tensor, state=None
     return losses.view_as(targets), state
 
 
-def _byte_ids(rows: Sequence[bytes], device: torch.device) -> Tensor:
-    """Byte strings -> ids (len(rows), longest) on device, right-padded with 0 (causal models ignore what follows)."""
+def _ids(rows: Sequence[bytes | Sequence[int]], device: torch.device) -> Tensor:
+    """Byte strings or token-id lists -> ids (len(rows), longest) on device, right-padded with 0
+    (causal models ignore what follows)."""
     ids = torch.zeros(len(rows), max(map(len, rows)), dtype=torch.long)
     for row, data in enumerate(rows):
-        ids[row, : len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        ids[row, : len(data)] = (torch.frombuffer(bytearray(data), dtype=torch.uint8) if isinstance(data, bytes)
+                                 else torch.as_tensor(data, dtype=torch.long))
     return ids.to(device)
 
 
@@ -150,7 +152,7 @@ def _state_carrying_losses(model, sequences, skip, window, batch_size, device, b
     order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
     for batch in _batches(order, batch_size):
         lengths = [len(sequences[i]) - 1 for i in batch]  # inputs per row, descending
-        ids = _byte_ids([sequences[i] for i in batch], device)
+        ids = _ids([sequences[i] for i in batch], device)
         losses = torch.zeros(len(batch), lengths[0], device=device)
         state = None
         for start in range(0, lengths[0], window):
@@ -180,7 +182,7 @@ def _sliding_window_losses(model, sequences, skip, window, stride, batch_size, d
 
     pending: dict[int, Tensor] = {}
     for batch in _batches(windows(), batch_size):
-        ids = _byte_ids([sequences[i][begin:end + 1] for i, begin, end, _ in batch], device)
+        ids = _ids([sequences[i][begin:end + 1] for i, begin, end, _ in batch], device)
         losses, _ = _cross_entropy(model, ids[:, :-1], ids[:, 1:])
         losses = losses.cpu()
         for row, (i, begin, end, scored_from) in enumerate(batch):
@@ -192,13 +194,15 @@ def _sliding_window_losses(model, sequences, skip, window, stride, batch_size, d
                 yield i, pending.pop(i)[skip:]
 
 
-def document_losses(model: nn.Module, documents: Sequence[bytes], *, separator: bytes = DEFAULT_SEPARATOR,
+def document_losses(model: nn.Module, documents: Sequence[bytes] | Sequence[list[int]], *,
+                    separator: bytes | list[int] = DEFAULT_SEPARATOR,
                     window: int = DEFAULT_WINDOW, stride: int | None = None, batch_size: int = 8,
                     progress: bool = False) -> Iterator[tuple[int, Tensor]]:
     """Yields (index, nats of each byte of ``documents[index]`` (length,) fp32) for every non-empty document.
 
     The order of documents is not kept. ``stride=None`` carries the state across windows; an int
     selects the sliding-window evaluation (see the module docstring). Call under ``model.eval()``.
+    ``documents`` and ``separator`` may also be token-id lists (a subword model): the same scoring, per token.
     """
     if not separator:
         raise UserError("the separator must be at least one byte: a document's first byte needs context")
@@ -240,6 +244,19 @@ def evaluate(model: nn.Module, documents: Sequence[bytes], *, separator: bytes =
     return Evaluation(bits_per_byte=tally.bits_per_byte, num_bytes=tally.num_bytes, num_documents=len(documents),
                       mode="state" if stride is None else "sliding-window", window=window, stride=stride,
                       by_position=tally.by_position())
+
+
+def first_bytes(documents: Iterable[bytes], limit: int) -> list[bytes]:
+    """The documents in order, up to ``limit`` bytes in all (the last one cut short): a quick, cheaper eval."""
+    if limit < 1:
+        raise UserError(f"--max-bytes must be >= 1, got {limit}")
+    kept = []
+    for document in documents:
+        kept.append(document[:limit])
+        limit -= len(kept[-1])
+        if limit == 0:
+            break
+    return kept
 
 
 def count_words(documents: Iterable[bytes]) -> int:

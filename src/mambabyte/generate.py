@@ -34,9 +34,17 @@ PREFILL_MEMORY = 1 << 30  # bytes of scan intermediates one prefill chunk may us
 OUTPUT_BLOCK = 4096  # steps between two reads of the chosen bytes when nothing needs them sooner
 STOP_CHECK_BLOCK = 64  # ... and when stop strings must be watched for
 
-_GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)  # splitmix64 constants, as signed int64
-_MIX1 = 0xBF58476D1CE4E5B9 - (1 << 64)
-_MIX2 = 0x94D049BB133111EB - (1 << 64)
+
+def _int64(value: int) -> int:
+    """A 64-bit pattern as the signed int64 torch stores."""
+    value &= (1 << 64) - 1
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+_GOLDEN = 0x9E3779B97F4A7C15  # splitmix64's constants
+_MIX1 = _int64(0xBF58476D1CE4E5B9)
+_MIX2 = _int64(0x94D049BB133111EB)
+_STEP_STRIDE = _int64(256 * _GOLDEN)
 
 
 @dataclass(frozen=True)
@@ -111,13 +119,13 @@ def exponential_noise(seed_keys: Tensor, counter: Tensor, byte_offsets: Tensor) 
     ``byte_offsets`` = arange(256) * golden ratio (``byte_offsets()``). No generator state to carry, so it
     runs inside a CUDA graph; argmax(p / noise) is a sample of p (the exponential race, as Gumbel-max).
     """
-    bits = _mix(seed_keys[:, None] + counter * (256 * _GOLDEN) + byte_offsets)
+    bits = _mix(seed_keys[:, None] + counter * _STEP_STRIDE + byte_offsets)
     uniform = ((bits >> 41).float() + (2**22 + 0.5)) * 2.0**-23  # top 23 bits, in (0, 1) exactly in fp32
     return -torch.log(uniform)
 
 
 def byte_offsets(device=None) -> Tensor:
-    return torch.arange(256, device=device) * _GOLDEN
+    return torch.tensor([_int64(byte * _GOLDEN) for byte in range(256)], device=device)
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):
@@ -360,7 +368,12 @@ def stream_rows(decoder: Decoder, max_bytes: int, stop: Sequence[bytes | str] = 
     """
     if max_bytes < 0:
         raise UserError(f"--max-bytes must be >= 0, got {max_bytes}")
-    filters = [StopFilter(_check_stops(stop)) for _ in range(decoder.batch)]
+    stops = _check_stops(stop)  # checked now, not at the first byte
+    return _stream_rows(decoder, max_bytes, [StopFilter(stops) for _ in range(decoder.batch)], block)
+
+
+def _stream_rows(decoder: Decoder, max_bytes: int, filters: list[StopFilter], block: int
+                 ) -> Iterator[tuple[int, bytes]]:
     live = list(range(decoder.batch))
     steps = decoder.decode(max_bytes)
     done = 0
@@ -455,7 +468,8 @@ class Conversation:
 
     def reply(self, message: bytes | str, max_bytes: int = 256, stop: Sequence[bytes | str] = (b"\n",)
               ) -> Iterator[bytes]:
-        """Reads ``message``, then yields the reply in chunks; the model keeps the reply (and stop string) in its state."""
+        """Reads ``message``, then yields the reply in chunks; the reply and its stop string stay in the state."""
+        chunks = stream_rows(self.decoder, max_bytes, stop)
         self.decoder.feed(_as_bytes(message))
-        for _, chunk in stream_rows(self.decoder, max_bytes, stop):
+        for _, chunk in chunks:
             yield chunk

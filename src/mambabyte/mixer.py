@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mambabyte.config import MambaByteConfig
-from mambabyte.ops import causal_conv1d, causal_conv1d_step, selective_scan, selective_step
+from mambabyte.ops import cpu_kernels, causal_conv1d, causal_conv1d_step, selective_scan, selective_step
 
 
 class LayerState(NamedTuple):
@@ -63,7 +63,13 @@ class MambaMixer(nn.Module):
 
     def step(self, hidden: Tensor, state: LayerState) -> tuple[Tensor, LayerState]:
         """One position: hidden (batch, d_model) -> (out (batch, d_model), next state)."""
-        x, z = self.in_proj(hidden).chunk(2, dim=-1)
+        xz = self.in_proj(hidden)
+        if cpu_kernels.mixer_step_applies(xz, self.x_proj.weight, state.conv):  # decoding on CPU: one fused call
+            y, conv_state, ssm_state = cpu_kernels.mixer_step_cpu(
+                xz, self.conv1d.weight, self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight, self.dt_proj.bias,
+                self.A_log, self.D, state.conv, state.ssm)
+            return self.out_proj(y), LayerState(conv_state, ssm_state)
+        x, z = xz.chunk(2, dim=-1)
         x, conv_state = causal_conv1d_step(x, self.conv1d.weight, self.conv1d.bias, state.conv)
         x = F.silu(x)
         dt, B, C = self._ssm_inputs(x)

@@ -5,6 +5,8 @@ contract). Positions are cut into patches of P. The global model's input for pat
 byte embeddings of patch k - 1 (a pad patch for k = 0), so it only sees bytes before the patch; its output,
 split into P slices and projected to the local width, is added to the local byte embeddings of patch k,
 and the local model runs causally inside the patch. ``step()`` advances the global model once per patch.
+(The paper feeds the local model the byte before each target; here each position's input is the byte it
+just read, which is the same model with patch boundaries one byte later.)
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ from mambabyte.baselines.transformer import (
     attention_flops_per_position,
     check_heads,
     default_ff_width,
-    refuse_reset,
 )
 from mambabyte.config import MambaByteConfig
 from mambabyte.errors import UserError
@@ -82,6 +83,13 @@ PRESETS: dict[str, MegaByteConfig] = {
 }
 
 
+def refuse_reset(reset: Tensor | None) -> None:
+    """Patches span document boundaries; MegaByte cannot start a new document inside a row."""
+    if reset is not None and bool(reset.any()):
+        raise UserError("the megabyte baseline cannot start a document inside a row (reset): train it without "
+                        "document resets, and batch only prompts of one length")
+
+
 class MegaByteState(NamedTuple):
     """Decoding state: the caches of both models and what the next byte's patch needs."""
 
@@ -129,7 +137,7 @@ class MegaByteLM(nn.Module):
         From a state inside a patch, the bytes already fed in that patch are run through the local model again
         (at most P - 1 of them) so that the new bytes see them.
         """
-        refuse_reset(reset, "megabyte")
+        refuse_reset(reset)
         batch, length = ids.shape
         patch = self.config.patch_size
         if state is None:

@@ -1,5 +1,7 @@
 """A byte-level decoder-only Transformer: byte embedding -> pre-norm blocks (RoPE attention, SwiGLU MLP) ->
-final RMSNorm -> byte head tied to the embedding. Its decoding "state" is the KV cache of every layer.
+final RMSNorm -> byte head tied to the embedding. Its decoding "state" is the KV cache of every layer and
+where each row's current document starts (a reset hides the keys before it; RoPE being relative, a
+document then attends exactly as it would alone).
 
 The attention stack (``TransformerStack``) is shared with MegaByte, which runs one over patches and one
 inside each patch.
@@ -72,6 +74,26 @@ class KVCache(NamedTuple):
     values: Tensor  # (batch, n_head, length, head_dim)
 
 
+class TransformerState(NamedTuple):
+    caches: list[KVCache]  # one per layer
+    document_start: Tensor  # (batch,) int64: the position where each row's current document starts
+
+
+def document_mask(reset: Tensor | None, document_start: Tensor, offset: int, length: int) -> tuple[Tensor, Tensor]:
+    """Keys each of ``length`` new positions (after ``offset`` cached ones) may see: causal, in its own document.
+
+    reset (batch, length) bool or None; document_start (batch,) -> (mask (batch, 1, length, offset + length) bool,
+    the document start after the last new position (batch,)).
+    """
+    positions = torch.arange(offset, offset + length, device=document_start.device)
+    starts = document_start[:, None].expand(-1, length)
+    if reset is not None:
+        starts = torch.maximum(starts, torch.where(reset, positions, 0).cummax(dim=1).values)
+    keys = torch.arange(offset + length, device=document_start.device)
+    mask = (keys <= positions[:, None]) & (keys >= starts[:, :, None])
+    return mask[:, None], starts[:, -1]
+
+
 def rotary_angles(length: int, offset: int, head_dim: int, base: float, device) -> tuple[Tensor, Tensor]:
     """cos and sin (length, head_dim / 2) of the rotary angles at positions offset .. offset + length - 1."""
     inv_freq = base ** (-torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
@@ -92,15 +114,21 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
         self.out_proj = nn.Linear(d_model, d_model, bias=False)
 
-    def forward(self, x: Tensor, rotary: tuple[Tensor, Tensor], cache: KVCache | None) -> tuple[Tensor, KVCache]:
-        """x (batch, length, d_model) after the cached positions -> (out (batch, length, d_model), grown cache)."""
+    def forward(self, x: Tensor, rotary: tuple[Tensor, Tensor], cache: KVCache | None, mask: Tensor | None = None,
+                ) -> tuple[Tensor, KVCache]:
+        """x (batch, length, d_model) after the cached positions -> (out (batch, length, d_model), grown cache).
+
+        ``mask`` (batch, 1, length, keys) bool replaces the causal mask (see ``document_mask``).
+        """
         batch, length, d_model = x.shape
         q, k, v = self.qkv(x).view(batch, length, 3, self.n_head, d_model // self.n_head).permute(2, 0, 3, 1, 4)
         q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         if cache is not None and cache.keys.shape[2] > 0:
             k = torch.cat([cache.keys.to(k.dtype), k], dim=2)
             v = torch.cat([cache.values.to(v.dtype), v], dim=2)
-        if k.shape[2] == length:
+        if mask is not None:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        elif k.shape[2] == length:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # flash attention where available
         elif length == 1:
             out = F.scaled_dot_product_attention(q, k, v)  # one new position sees the whole cache
@@ -130,8 +158,8 @@ class TransformerBlock(nn.Module):
         self.mlp_norm = RMSNorm(d_model, norm_eps)
         self.mlp = SwiGLU(d_model, d_ff)
 
-    def forward(self, hidden: Tensor, rotary: tuple[Tensor, Tensor], cache: KVCache | None):
-        out, cache = self.attn(self.attn_norm(hidden), rotary, cache)
+    def forward(self, hidden: Tensor, rotary: tuple[Tensor, Tensor], cache: KVCache | None, mask: Tensor | None):
+        out, cache = self.attn(self.attn_norm(hidden), rotary, cache, mask)
         hidden = hidden + out.float()
         return hidden + self.mlp(self.mlp_norm(hidden)).float(), cache
 
@@ -154,13 +182,17 @@ class TransformerStack(nn.Module):
                 std = 0.02 / math.sqrt(2 * len(self.layers)) if name.endswith("out_proj.weight") else 0.02
                 nn.init.normal_(param, std=std)
 
-    def forward(self, hidden: Tensor, caches: list[KVCache] | None = None) -> tuple[Tensor, list[KVCache]]:
-        """hidden (batch, length, d_model) -> (hidden (batch, length, d_model), caches grown by length)."""
+    def forward(self, hidden: Tensor, caches: list[KVCache] | None = None, mask: Tensor | None = None,
+                ) -> tuple[Tensor, list[KVCache]]:
+        """hidden (batch, length, d_model) -> (hidden (batch, length, d_model), caches grown by length).
+
+        Causal by default; ``mask`` (batch, 1, length, keys) bool says which keys each position sees instead.
+        """
         offset = 0 if caches is None else caches[0].keys.shape[2]
         rotary = rotary_angles(hidden.shape[1], offset, self.head_dim, self.rope_base, hidden.device)
         new_caches = []
         for i, layer in enumerate(self.layers):
-            hidden, cache = layer(hidden, rotary, None if caches is None else caches[i])
+            hidden, cache = layer(hidden, rotary, None if caches is None else caches[i], mask)
             new_caches.append(cache)
         return hidden, new_caches
 
@@ -178,13 +210,6 @@ def attention_flops_per_position(n_layer: int, d_model: int, keys: float) -> flo
     return 4 * n_layer * d_model * keys
 
 
-def refuse_reset(reset: Tensor | None, arch: str) -> None:
-    """Attention baselines attend across document boundaries; they cannot honour a reset."""
-    if reset is not None and bool(reset.any()):
-        raise UserError(f"the {arch} baseline cannot start a document inside a row (reset): train it without "
-                        "document resets, and batch only prompts of one length")
-
-
 class ByteTransformerLM(nn.Module):
     def __init__(self, config: TransformerConfig):
         super().__init__()
@@ -199,27 +224,39 @@ class ByteTransformerLM(nn.Module):
         """Final norm and the byte head, tied to the embedding."""
         return self.norm_f(hidden) @ self.embedding.weight.t().to(hidden.dtype)
 
-    def forward(self, ids: Tensor, state: list[KVCache] | None = None, return_state: bool = False,
+    def forward(self, ids: Tensor, state: TransformerState | None = None, return_state: bool = False,
                 reset: Tensor | None = None):
-        """ids (batch, length) -> logits (batch, length, 256) fp32, and the grown KV caches if asked.
+        """ids (batch, length) -> logits (batch, length, 256) fp32, and the grown state if asked.
 
-        ``state`` continues after the positions already cached (RoPE positions count on from there).
+        ``state`` continues after the positions already cached (RoPE positions count on from there);
+        ``reset`` (batch, length) bool starts a fresh document there: later positions no longer see the keys before.
         """
-        refuse_reset(reset, "transformer")
-        hidden, new_state = self.blocks(self.embedding(ids).float(), state)
+        batch, length = ids.shape
+        if state is None:
+            state = self.init_state(batch, ids.device)
+        offset = state.caches[0].keys.shape[2]
+        mask, document_start = None, state.document_start
+        # host checks: the plain causal mask (flash attention) unless some row's document starts after position 0
+        if (reset is not None and bool(reset.any())) or (offset and bool(document_start.any())):
+            mask, document_start = document_mask(reset, document_start, offset, length)
+        hidden, caches = self.blocks(self.embedding(ids).float(), state.caches, mask)
         logits = self.head(hidden).float()
-        return (logits, new_state) if return_state else logits
+        return (logits, TransformerState(caches, document_start)) if return_state else logits
 
-    def step(self, ids: Tensor, state: list[KVCache]) -> tuple[Tensor, list[KVCache]]:
+    def step(self, ids: Tensor, state: TransformerState) -> tuple[Tensor, TransformerState]:
         """One byte per row: ids (batch,) -> (logits (batch, 256) fp32, caches one position longer)."""
-        logits, state = self.forward(ids[:, None], state, return_state=True)
-        return logits[:, 0], state
+        offset = state.caches[0].keys.shape[2]
+        keys = torch.arange(offset + 1, device=ids.device)
+        mask = (keys >= state.document_start[:, None])[:, None, None]  # no host sync: (batch, 1, 1, keys)
+        hidden, caches = self.blocks(self.embedding(ids[:, None]).float(), state.caches, mask)
+        return self.head(hidden[:, 0]).float(), TransformerState(caches, state.document_start)
 
-    def init_state(self, batch: int, device=None, dtype=None) -> list[KVCache]:
-        """Empty KV caches (zero positions), one per layer."""
+    def init_state(self, batch: int, device=None, dtype=None) -> TransformerState:
+        """Empty KV caches (zero positions), one per layer; every row's document starts at position 0."""
         device = device or self.embedding.weight.device
         dtype = dtype or self.embedding.weight.dtype
-        return self.blocks.empty_caches(batch, device, dtype)
+        return TransformerState(self.blocks.empty_caches(batch, device, dtype),
+                                torch.zeros(batch, dtype=torch.long, device=device))
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

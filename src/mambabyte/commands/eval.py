@@ -20,14 +20,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="file, folder, glob, .jsonl/.gz or local Hugging Face dataset directory")
     parser.add_argument("--text-field", default="text", help="field holding the text in JSONL/datasets (default: text)")
     parser.add_argument("--window", type=int, default=None, metavar="W",
-                        help="bytes per forward pass (default 4096); with --stride, the sliding window's length")
+                        help="bytes per forward pass (default 1024; the state is carried across windows); "
+                             "with --stride, the sliding window's length (default: the training length)")
     parser.add_argument("--stride", type=int, default=None, metavar="S",
                         help="sliding-window evaluation (no state carried): windows of W bytes every S bytes, "
                              "each byte scored once with at least W-S bytes of context")
+    parser.add_argument("--max-bytes", type=int, default=None, metavar="N",
+                        help="evaluate only the first N bytes of the data (documents in order, the last cut short)")
     parser.add_argument("--batch-size", type=int, default=8, help="documents (or windows) per forward pass")
     parser.add_argument("--extrapolation", action="store_true",
                         help="also print BPB by position in the document (powers of two)")
-    parser.add_argument("--plot", metavar="PNG", help="write the BPB-by-position plot to this PNG (implies --extrapolation)")
+    parser.add_argument("--plot", metavar="PNG",
+                        help="write the BPB-by-position plot to this PNG (implies --extrapolation)")
     parser.add_argument("--train-length", type=int, default=None, metavar="BYTES",
                         help="training context length to mark in the table and plot "
                              "(default: the checkpoint's metadata 'window', if any)")
@@ -53,7 +57,7 @@ def _training_length(args: argparse.Namespace, info: dict) -> int | None:
     return window if isinstance(window, int) and window > 0 else None
 
 
-def _print_report(report: dict, train_length: int | None) -> None:
+def _print_report(report: dict) -> None:
     print(f"{report['data']}: {report['num_documents']:,} documents, {report['num_bytes']:,} bytes, "
           f"{report['num_words']:,} words")
     if report["mode"] == "state":
@@ -70,12 +74,12 @@ def _print_report(report: dict, train_length: int | None) -> None:
         print(f"the model beats {len(beaten)} of {len(report['compressors'])} compressors"
               + (f" ({', '.join(beaten)})" if beaten else ""))
     perplexity = report["word_perplexity"]
-    print(f"\nword-level perplexity {perplexity:.2f}" if perplexity is not None else "\nword-level perplexity: n/a",
+    print(f"\nword-level perplexity {perplexity:.6g}" if perplexity is not None else "\nword-level perplexity: n/a",
           f"(derived from BPB: {WORD_PERPLEXITY_CONVENTION})")
     if report.get("by_position"):
         print(f"\n{'position in document':<24}{'bytes':>14}{'bits/byte':>11}")
         for bucket in report["by_position"]:
-            beyond = train_length is not None and bucket["start"] >= train_length
+            beyond = report["train_length"] is not None and bucket["start"] >= report["train_length"]
             print(f"{bucket['start']:>10,} - {bucket['end'] - 1:<11,}{bucket['num_bytes']:>14,}"
                   f"{bucket['bits_per_byte']:>11.4f}" + ("  beyond training length" if beyond else ""))
     if report.get("plot"):
@@ -91,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
     from mambabyte.compressors import compressor_bits_per_byte
     from mambabyte.data import load_corpus
     from mambabyte.evaluate import (DEFAULT_WINDOW, count_words, evaluate, plot_bits_per_byte_by_position,
-                                    separator_from_info, word_perplexity)
+                                    first_bytes, separator_from_info, word_perplexity)
 
     if args.plot:
         _check_plot_path(args.plot)
@@ -102,12 +106,15 @@ def run(args: argparse.Namespace) -> int:
         model = load_pretrained(args.checkpoint, device=device)
     except (RuntimeError, AssertionError) as error:  # e.g. CUDA asked for on a machine without it
         raise UserError(f"cannot load {args.checkpoint} on {device}: {str(error).splitlines()[0]}") from None
-    documents = list(load_corpus(args.data, text_field=args.text_field).documents())
-    window = args.window or DEFAULT_WINDOW
+    documents = load_corpus(args.data, text_field=args.text_field).documents()
+    documents = list(documents) if args.max_bytes is None else first_bytes(documents, args.max_bytes)
+    train_length = _training_length(args, info)
+    window = args.window
+    if window is None:  # a sliding window should match the training length; otherwise it only bounds memory
+        window = train_length if args.stride is not None and train_length else DEFAULT_WINDOW
     result = evaluate(model, documents, separator=separator, window=window, stride=args.stride,
                       batch_size=args.batch_size, progress=not args.quiet)
     num_words = count_words(documents)
-    train_length = _training_length(args, info)
     report = {
         "bits_per_byte": result.bits_per_byte,
         "num_bytes": result.num_bytes,
@@ -135,5 +142,5 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report))
     else:
-        _print_report(report, train_length)
+        _print_report(report)
     return 0

@@ -16,7 +16,8 @@ HELP = "Generate bytes from a checkpoint, streamed to stdout (sampling controls,
 def add_sampling_arguments(parser: argparse.ArgumentParser, max_bytes: int) -> None:
     """The options `generate` and `chat` share."""
     parser.add_argument("checkpoint", metavar="CKPT", help="checkpoint directory")
-    parser.add_argument("--max-bytes", type=int, default=max_bytes, help=f"bytes to generate at most (default {max_bytes})")
+    parser.add_argument("--max-bytes", type=int, default=max_bytes,
+                        help=f"bytes to generate at most (default {max_bytes})")
     parser.add_argument("--temperature", type=float, default=1.0, help="softmax temperature; 0 = greedy (default 1.0)")
     parser.add_argument("--top-k", type=int, default=0, help="keep the k likeliest bytes; 0 = off (default)")
     parser.add_argument("--top-p", type=float, default=1.0,
@@ -42,8 +43,9 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, max_bytes: int) -> N
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_sampling_arguments(parser, max_bytes=256)
     prompt = parser.add_mutually_exclusive_group()
-    prompt.add_argument("--prompt", metavar="TEXT", help="the text to continue (default: stdin if it is not a terminal, "
-                                                         "else nothing: a document from its start)")
+    prompt.add_argument("--prompt", metavar="TEXT",
+                        help="the text to continue (default: stdin if it is not a terminal, "
+                             "else nothing: a document from its start)")
     prompt.add_argument("--prompt-file", metavar="FILE", help="continue the bytes of this file")
     parser.add_argument("--num-samples", type=int, default=1, metavar="N",
                         help="N samples of the prompt, generated as one batch (seeds SEED..SEED+N-1); "

@@ -19,7 +19,15 @@ def _segments(reset: Tensor, prefix: int) -> tuple[Tensor, Tensor]:
 def causal_conv1d(
     x: Tensor, weight: Tensor, bias: Tensor, conv_state: Tensor | None = None, reset: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
-    """Returns (out (batch, length, channels), the next conv_state (batch, channels, K-1))."""
+    """Returns (out (batch, length, channels), the next conv_state (batch, channels, K-1)).
+
+    CUDA tensors go to the Triton kernels (ops.triton_conv) where Triton is installed."""
+    from mambabyte.ops.dispatch import TRITON_RUNS
+
+    if x.is_cuda and TRITON_RUNS:
+        from mambabyte.ops.triton_conv import causal_conv1d_triton
+
+        return causal_conv1d_triton(x, weight, bias, conv_state, reset)
     batch, length, channels = x.shape
     kernel = weight.shape[-1]
     weight = weight.reshape(channels, kernel)

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mambabyte.ops.selective_scan import skip_and_gate
+from mambabyte.ops.selective_scan import scan_with
 
 SOURCE = Path(__file__).with_name("cpu_scan.c")
 LANES = 16  # channels per vector block; the same constant as in cpu_scan.c
@@ -39,6 +39,7 @@ _SIGNATURES = {
     "scan_forward": (None, [_P] * 10 + [_I] * 7),
     "scan_backward": (ctypes.c_int, [_P] * 15 + [_I] * 7),
     "scan_step": (None, [_P] * 11 + [_I] * 3),
+    "mixer_step": (None, [_P] * 13 + [_I] * 5),
 }
 
 
@@ -161,7 +162,6 @@ class _CpuScan(torch.autograd.Function):
         _run(_loaded().scan_forward, [[*args, *blocks] for blocks in _split_blocks(d_inner, x.numel() * d_state)])
         if needs_backward:
             ctx.save_for_backward(x, delta, A_t, B, C, keep, checkpoints)
-            ctx.has_h0 = h0 is not None
         return y, final
 
     @staticmethod
@@ -169,11 +169,10 @@ class _CpuScan(torch.autograd.Function):
         x, delta, A_t, B, C, keep, checkpoints = ctx.saved_tensors
         batch, length, d_inner = x.shape
         d_state = A_t.shape[0]
-        grad_y = torch.zeros_like(x) if grad_y is None else grad_y.contiguous()
-        grad_final = None if grad_final is None else grad_final.contiguous()
+        grad_y, grad_final = grad_y.contiguous(), grad_final.contiguous()
         grad_x, grad_delta = torch.empty_like(x), torch.empty_like(x)
         grad_A_t = torch.zeros_like(A_t)
-        grad_h0 = torch.empty(batch, d_inner, d_state) if ctx.has_h0 else None
+        grad_h0 = torch.empty(batch, d_inner, d_state)
         splits = _split_blocks(d_inner, x.numel() * d_state)
         grad_B = torch.zeros(len(splits), *B.shape)  # each worker sums its own channels' share
         grad_C = torch.zeros(len(splits), *C.shape)
@@ -186,17 +185,16 @@ class _CpuScan(torch.autograd.Function):
         return grad_x, grad_delta, grad_A_t.t(), grad_B.sum(0), grad_C.sum(0), grad_h0, None
 
 
+def _cpu_core(x, delta, A, B, C, h0, keep):
+    return _CpuScan.apply(*(None if t is None else t.contiguous() for t in (x, delta, A, B, C, h0, keep)))
+
+
 def selective_scan_cpu(
     x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, dt_bias: Tensor,
     z: Tensor | None = None, initial_state: Tensor | None = None, reset: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Same contract and results as ``selective_scan_ref``; the (batch, length, d_inner) elementwise parts stay in PyTorch."""
-    delta = F.softplus(dt.float() + dt_bias.float())
-    keep = None if reset is None else (~reset).float().contiguous()
-    h0 = None if initial_state is None else initial_state.float().contiguous()
-    y, final = _CpuScan.apply(x.float().contiguous(), delta.contiguous(), A.float().contiguous(),
-                              B.float().contiguous(), C.float().contiguous(), h0, keep)
-    return skip_and_gate(y, x, D, z).to(x.dtype), final
+    return scan_with(_cpu_core, x, dt, A, B, C, D, dt_bias, z, initial_state, reset)
 
 
 def selective_step_cpu(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, dt_bias: Tensor,
@@ -208,3 +206,28 @@ def selective_step_cpu(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D
     batch, d_inner = x.shape
     _loaded().scan_step(*(t.data_ptr() for t in f32), y.data_ptr(), next_state.data_ptr(), batch, d_inner, A.shape[1])
     return y.to(x.dtype), next_state
+
+
+def mixer_step_applies(*tensors: Tensor) -> bool:
+    """True when ``mixer_step_cpu`` can take these: fp32 CPU tensors, no autograd, kernels built."""
+    return (not torch.is_grad_enabled() and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+            and available())
+
+
+def mixer_step_cpu(xz: Tensor, conv_weight: Tensor, conv_bias: Tensor, x_proj_weight: Tensor, dt_proj_weight: Tensor,
+                   dt_bias: Tensor, A_log: Tensor, D: Tensor, conv_state: Tensor, ssm_state: Tensor,
+                   ) -> tuple[Tensor, Tensor, Tensor]:
+    """The mixer's decoding step after in_proj, fused: xz (batch, 2*d_inner) -> (y (batch, d_inner), conv, ssm states).
+
+    The same math as the plain path of MambaMixer.step (conv, SiLU, x_proj, dt_proj, selective step), fp32 only.
+    """
+    batch, d_inner = xz.shape[0], xz.shape[1] // 2
+    kernel, dt_rank, d_state = conv_weight.shape[-1], dt_proj_weight.shape[1], A_log.shape[1]
+    y = xz.new_empty(batch, d_inner)
+    next_conv = torch.empty_like(conv_state)
+    next_ssm = torch.empty_like(ssm_state)
+    inputs = [t.contiguous() for t in (xz, conv_weight, conv_bias, conv_state, x_proj_weight, dt_proj_weight,
+                                         dt_bias, A_log, D, ssm_state)]
+    _loaded().mixer_step(*(t.data_ptr() for t in inputs), y.data_ptr(), next_conv.data_ptr(), next_ssm.data_ptr(),
+                         batch, d_inner, kernel, dt_rank, d_state)
+    return y, next_conv, next_ssm

@@ -19,9 +19,10 @@
 
 /* exp(x) accurate to ~2 ulp (Cephes polynomial), written so that the compiler vectorises it. */
 static inline float exp_approx(float x) {
-    x = fminf(fmaxf(x, -87.0f), 88.0f);
-    float k = rintf(x * 1.44269504088896341f);
-    float r = x - k * 0.693359375f + k * 2.12194440e-4f;
+    x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+    const int32_t k = (int32_t)(x * 1.44269504088896341f + 128.5f) - 128;  /* round(x / ln 2); truncation is floor here */
+    const float kf = (float)k;
+    const float r = x - kf * 0.693359375f + kf * 2.12194440e-4f;
     float p = 1.9875691500e-4f;
     p = p * r + 1.3981999507e-3f;
     p = p * r + 8.3334519073e-3f;
@@ -30,7 +31,7 @@ static inline float exp_approx(float x) {
     p = p * r + 5.0000001201e-1f;
     p = p * r * r + r + 1.0f;
     union { int32_t i; float f; } scale;
-    scale.i = ((int32_t)k + 127) << 23;
+    scale.i = (k + 127) << 23;
     return p * scale.f;
 }
 
@@ -207,4 +208,53 @@ void scan_step(const float *x, const float *dt, const float *A, const float *Bm,
             }
             y[i] = (acc + Dv[d] * x[i]) * z[i] / (1.0f + expf(-z[i]));
         }
+}
+
+static inline float silu(float v) { return v / (1.0f + exp_approx(-v)); }
+
+/* One decoding position of the whole Mamba mixer after in_proj: causal conv + SiLU, x_proj, dt_proj,
+ * softplus, the scan step with A = -exp(A_log), the D skip and the silu(z) gate.
+ * xz (batch, 2*d_inner); conv_w (d_inner, K); conv states (batch, d_inner, K-1); x_proj_w (R+2N, d_inner);
+ * dt_proj_w (d_inner, R); A_log (d_inner, N); ssm states (batch, d_inner, N); y (batch, d_inner). */
+void mixer_step(const float *xz, const float *conv_w, const float *conv_b, const float *conv_state,
+                const float *x_proj_w, const float *dt_proj_w, const float *dt_bias, const float *A_log,
+                const float *Dv, const float *ssm_state, float *y, float *next_conv, float *next_ssm,
+                int64_t batch, int64_t E, int64_t K, int64_t R, int64_t N) {
+    float u[E], delta[E], proj[R + 2 * N];
+    for (int64_t b = 0; b < batch; b++) {
+        const float *x_in = xz + b * 2 * E, *z = x_in + E;
+        for (int64_t d = 0; d < E; d++) {
+            const float *w = conv_w + d * K, *window = conv_state + (b * E + d) * (K - 1);
+            float *next = next_conv + (b * E + d) * (K - 1);
+            float acc = conv_b[d] + w[K - 1] * x_in[d];
+            for (int64_t k = 0; k < K - 1; k++) acc += w[k] * window[k];
+            for (int64_t k = 0; k + 1 < K - 1; k++) next[k] = window[k + 1];
+            if (K > 1) next[K - 2] = x_in[d];
+            u[d] = acc;
+        }
+        for (int64_t d = 0; d < E; d++) u[d] = silu(u[d]);
+        for (int64_t j = 0; j < R + 2 * N; j++) {
+            const float *w = x_proj_w + j * E;
+            float acc = 0.0f;
+            for (int64_t d = 0; d < E; d++) acc += w[d] * u[d];
+            proj[j] = acc;
+        }
+        for (int64_t d = 0; d < E; d++) {
+            float v = dt_bias[d];
+            for (int64_t r = 0; r < R; r++) v += dt_proj_w[d * R + r] * proj[r];
+            delta[d] = v;
+        }
+        for (int64_t d = 0; d < E; d++) delta[d] = delta[d] > 20.0f ? delta[d] : log1pf(exp_approx(delta[d]));  /* softplus */
+        const float *Bt = proj + R, *Ct = proj + R + N;
+        for (int64_t d = 0; d < E; d++) {
+            const float *h = ssm_state + (b * E + d) * N, *a_log = A_log + d * N;
+            float *hn = next_ssm + (b * E + d) * N;
+            float acc = 0.0f;
+            for (int64_t n = 0; n < N; n++) {
+                hn[n] = exp_approx(-delta[d] * exp_approx(a_log[n])) * h[n] + delta[d] * u[d] * Bt[n];
+                acc += Ct[n] * hn[n];
+            }
+            y[b * E + d] = (acc + Dv[d] * u[d]) * silu(z[d]);
+        }
+    }
 }

@@ -10,8 +10,9 @@ see each other). Shapes: x, dt, z (batch, length, d_inner); B, C (batch, length,
 A (d_inner, d_state); D, dt_bias (d_inner,); states (batch, d_inner, d_state); reset (batch, length) bool.
 
 ``selective_scan_ref`` is the sequential ground truth; ``selective_scan_chunked`` computes the same
-recurrence as a two-level chunked scan (about 2*sqrt(length) vectorised steps) with a hand-written
-backward, which is what makes training on a CPU fast.
+recurrence block by block in time, each block as a two-level chunked scan (about 2*sqrt(block) vectorised
+steps), with a hand-written backward that recomputes a block's states instead of storing them all.
+ops.cpu_kernels has the compiled CPU twin of the same core.
 """
 
 from __future__ import annotations
@@ -95,35 +96,81 @@ def linear_scan_forward(decay: Tensor, drive: Tensor, h0: Tensor) -> Tensor:
     return h.view(batch, n_chunks * size, *rest)[:, :length]
 
 
-class _LinearScan(torch.autograd.Function):
-    """h_t = decay_t * h_{t-1} + drive_t with a chunked forward and a chunked reverse-scan backward."""
+TIME_BLOCK = 64  # positions whose (batch, block, d_inner, d_state) terms exist at once; a few MB stay in cache
+
+
+def _block_terms(x: Tensor, delta: Tensor, A: Tensor, B: Tensor, keep: Tensor | None) -> tuple[Tensor, Tensor]:
+    """decay exp(delta*A) (zero where a document starts) and drive delta*B*x of one time block, (batch, block, d_inner, d_state)."""
+    decay = torch.exp(delta.unsqueeze(-1) * A)
+    if keep is not None:
+        decay.mul_(keep[:, :, None, None])
+    return decay, (delta * x).unsqueeze(-1) * B.unsqueeze(2)
+
+
+class _BlockedScan(torch.autograd.Function):
+    """(x, delta, A, B, C, h0, keep) -> (C_t . h_t (batch, length, d_inner), final state), all fp32.
+
+    Walks over time blocks; only the state at each block start is kept, and the backward recomputes a block's
+    states from it, so no tensor of size (batch, length, d_inner, d_state) is ever materialised.
+    """
 
     @staticmethod
-    def forward(ctx, decay: Tensor, drive: Tensor, h0: Tensor) -> Tensor:
-        h = linear_scan_forward(decay, drive, h0)
-        ctx.save_for_backward(decay, h, h0)
-        return h
+    def forward(ctx, x, delta, A, B, C, h0, keep):
+        blocks = range(0, x.shape[1], TIME_BLOCK)
+        h, starts, ys = h0, [], []
+        for s in blocks:
+            part = slice(s, s + TIME_BLOCK)
+            decay, drive = _block_terms(x[:, part], delta[:, part], A, B[:, part], None if keep is None else keep[:, part])
+            hs = linear_scan_forward(decay, drive, h)
+            ys.append(torch.einsum("bldn,bln->bld", hs, C[:, part]))
+            starts.append(h)
+            h = hs[:, -1]
+        ctx.save_for_backward(x, delta, A, B, C, keep, *starts)
+        return (torch.cat(ys, dim=1) if ys else x.new_zeros(x.shape)), h
 
     @staticmethod
-    def backward(ctx, grad_h: Tensor):
-        decay, h, h0 = ctx.saved_tensors
-        # g_t = dL/dh_t in total = grad_h_t + decay_{t+1} * g_{t+1}: the same scan, run backwards in time
-        shifted = torch.cat([decay[:, 1:], decay.new_zeros(decay[:, :1].shape)], dim=1)
-        g = linear_scan_forward(shifted.flip(1), grad_h.flip(1), torch.zeros_like(h0)).flip(1)
-        h_prev = torch.cat([h0.unsqueeze(1), h[:, :-1]], dim=1)
-        grad_decay = g * h_prev
-        grad_h0 = decay[:, 0] * g[:, 0] if decay.shape[1] else torch.zeros_like(h0)
-        return grad_decay, g, grad_h0
+    def backward(ctx, grad_y, grad_final):
+        x, delta, A, B, C, keep, *starts = ctx.saved_tensors
+        grads = [torch.zeros_like(t) for t in (x, delta, B, C)]
+        grad_x, grad_delta, grad_B, grad_C = grads
+        grad_A = torch.zeros_like(A)
+        # g = dLoss/dh at the end of the block being processed, through everything after it
+        g = torch.zeros(x.shape[0], *A.shape) if grad_final is None else grad_final.clone()
+        for s, h_start in reversed(list(zip(range(0, x.shape[1], TIME_BLOCK), starts))):
+            part = slice(s, s + TIME_BLOCK)
+            xb, db, Bb = x[:, part], delta[:, part], B[:, part]
+            decay, drive = _block_terms(xb, db, A, Bb, None if keep is None else keep[:, part])
+            hs = linear_scan_forward(decay, drive, h_start)
+            gy = grad_y[:, part]
+            # dLoss/dh_t = gy_t C_t + decay_{t+1} dLoss/dh_{t+1}: the same scan, backwards in time
+            reverse_decay = torch.cat([torch.ones_like(decay[:, :1]), decay[:, 1:].flip(1)], dim=1)
+            gh = linear_scan_forward(reverse_decay, (gy.unsqueeze(-1) * C[:, part].unsqueeze(2)).flip(1), g).flip(1)
+            h_prev = torch.cat([h_start.unsqueeze(1), hs[:, :-1]], dim=1)
+            g_exponent = gh * h_prev * decay  # dLoss/d(delta*A)
+            gh_B = torch.einsum("bldn,bln->bld", gh, Bb)
+            grad_delta[:, part] = torch.einsum("bldn,dn->bld", g_exponent, A) + gh_B * xb
+            grad_x[:, part] = gh_B * db
+            grad_A += torch.einsum("bldn,bld->dn", g_exponent, db)
+            grad_B[:, part] = torch.einsum("bldn,bld->bln", gh, db * xb)
+            grad_C[:, part] = torch.einsum("bldn,bld->bln", hs, gy)
+            g = decay[:, 0] * gh[:, 0]
+        return grad_x, grad_delta, grad_A, grad_B, grad_C, g, None
+
+
+def scan_with(core, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, dt_bias: Tensor,
+              z: Tensor | None, initial_state: Tensor | None, reset: Tensor | None) -> tuple[Tensor, Tensor]:
+    """The full selective scan around a ``core`` (x, delta, A, B, C, h0, keep) -> (C_t . h_t, final state) in fp32:
+    softplus of dt, then the D skip and the silu(z) gate, all in PyTorch (autograd)."""
+    delta = F.softplus(dt.float() + dt_bias.float())
+    keep = None if reset is None else (~reset).float()
+    h0 = x.new_zeros(x.shape[0], *A.shape, dtype=torch.float32) if initial_state is None else initial_state.float()
+    y, final = core(x.float(), delta, A.float(), B.float(), C.float(), h0, keep)
+    return skip_and_gate(y, x, D, z).to(x.dtype), final
 
 
 def selective_scan_chunked(
     x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, dt_bias: Tensor,
     z: Tensor | None = None, initial_state: Tensor | None = None, reset: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Chunked parallel scan: same contract and results as ``selective_scan_ref``."""
-    decay, drive = _discretize(x, dt, A, B, dt_bias, reset)
-    batch, length, d_inner, d_state = decay.shape
-    h0 = decay.new_zeros(batch, d_inner, d_state) if initial_state is None else initial_state.float()
-    hs = _LinearScan.apply(decay, drive, h0)
-    final = hs[:, -1] if length else h0
-    return _readout(hs, x, C, D, z).to(x.dtype), final
+    """Blocked, chunked parallel scan in pure PyTorch: same contract and results as ``selective_scan_ref``."""
+    return scan_with(_BlockedScan.apply, x, dt, A, B, C, D, dt_bias, z, initial_state, reset)
