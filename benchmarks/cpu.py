@@ -147,6 +147,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--window", type=int, default=512)
     parser.add_argument("--hf-window", type=int, default=512, help="training window for HF's path (its cost per byte grows with it)")
     parser.add_argument("--generate-bytes", type=int, default=256, help="bytes per timed decoding run")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads for training")
     parser.add_argument("--generate-threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats (HF training: 1)")
     parser.add_argument("--skip", nargs="*", default=[], choices=["mambapy", "hf"], help="contenders to leave out")
@@ -155,6 +156,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    torch.set_num_threads(args.threads)
     config = preset(args.preset)
     torch.manual_seed(0)
     ours = MambaByteLM(config)

@@ -70,19 +70,16 @@ def check_kernels() -> bool:
     """Triton scan and step against the chunked PyTorch backend at real shapes; prints relative errors."""
     print("## Kernel checks at real shapes (relative error ||triton - pytorch|| / ||pytorch||)\n")
     ok = True
-    design = triton_scan.DESIGN
-    for triton_scan.DESIGN in triton_scan.KERNELS:
-        for dtype, limit in ((torch.float32, 1e-4), (torch.bfloat16, 1e-2)):
-            torch.manual_seed(0)
-            inputs, reset = scan_inputs(2, 1000, 1536, 16, dtype)
-            ours = scan_with_grads(triton_scan.selective_scan_triton, inputs, reset)
-            expected = scan_with_grads(selective_scan_chunked, inputs, reset)
-            errors = {name: relative_error(ours[name], expected[name]) for name in expected}
-            worst = max(errors.values())
-            ok &= worst < limit
-            print(f"scan ({triton_scan.DESIGN}) {str(dtype)[6:]} B2 L1000 D1536 N16, reset + initial state: "
-                  f"worst {worst:.2e} (limit {limit:.0e}); " + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()))
-    triton_scan.DESIGN = design
+    for dtype, limit in ((torch.float32, 1e-4), (torch.bfloat16, 1e-2)):
+        torch.manual_seed(0)
+        inputs, reset = scan_inputs(2, 1000, 1536, 16, dtype)
+        ours = scan_with_grads(triton_scan.selective_scan_triton, inputs, reset)
+        expected = scan_with_grads(selective_scan_chunked, inputs, reset)
+        errors = {name: relative_error(ours[name], expected[name]) for name in expected}
+        worst = max(errors.values())
+        ok &= worst < limit
+        print(f"scan {str(dtype)[6:]} B2 L1000 D1536 N16, reset + initial state: worst {worst:.2e} "
+              f"(limit {limit:.0e}); " + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()))
     ok &= check_conv()
     inputs, _ = scan_inputs(64, 1, 1536, 16, torch.bfloat16)
     per_t = {k: inputs[k][:, 0] for k in ("x", "dt", "B", "C", "z")}
@@ -120,16 +117,18 @@ def check_model_loss() -> None:
     model = build_model(presets_for("mambabyte")["bench-91m"]).to(DEVICE)
     ids = torch.randint(0, 256, (2, 513), device=DEVICE)
     results = {}
-    for backend in ("triton", "chunked"):
-        os.environ["MAMBABYTE_SCAN"] = backend
-        model.zero_grad()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            logits = model(ids[:, :-1])
-        loss = F.cross_entropy(logits.reshape(-1, 256), ids[:, 1:].reshape(-1))
-        loss.backward()
-        grads = torch.cat([p.grad.flatten() for p in model.parameters()])
-        results[backend] = (loss.item(), grads)
-    os.environ.pop("MAMBABYTE_SCAN")
+    try:
+        for backend in ("triton", "chunked"):
+            os.environ["MAMBABYTE_SCAN"] = backend
+            model.zero_grad()
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                logits = model(ids[:, :-1])
+            loss = F.cross_entropy(logits.reshape(-1, 256), ids[:, 1:].reshape(-1))
+            loss.backward()
+            grads = torch.cat([p.grad.flatten() for p in model.parameters()])
+            results[backend] = (loss.item(), grads)
+    finally:
+        os.environ.pop("MAMBABYTE_SCAN")
     (loss_t, g_t), (loss_c, g_c) = results["triton"], results["chunked"]
     print(f"bench-91m B2 L512 bf16 autocast: loss triton {loss_t:.6f} chunked {loss_c:.6f}; "
           f"all-gradient relative difference {relative_error(g_t, g_c):.2e}\n")
@@ -148,19 +147,17 @@ def median_ms(fn, repeats: int) -> float:
 
 
 def sweep_tiles() -> None:
-    """Forward and forward+backward time of the scan alone (one layer, B16 L2048 bf16) for both kernel designs
-    and a few tile sizes; keeps the fastest for the rest of the run."""
-    print("## Scan kernel sweep (one layer, B16 x L2048, d_inner 1536, d_state 16, bf16)\n")
-    print("| design | BLOCK_T | BLOCK_D | fwd warps | bwd warps | fwd ms | fwd+bwd ms |\n|---|---|---|---|---|---|---|")
+    """Forward and forward+backward time of the scan alone (one layer, B16 L2048 bf16) for a few tile sizes;
+    keeps the fastest for the rest of the run."""
+    print("## Scan tile sweep (one layer, B16 x L2048, d_inner 1536, d_state 16, bf16)\n")
+    print("| BLOCK_T | BLOCK_D | warps | fwd ms | fwd+bwd ms |\n|---|---|---|---|---|")
     inputs, _ = scan_inputs(16, 2048, 1536, 16, torch.bfloat16)
     leaves = {k: v.requires_grad_() for k, v in inputs.items()}
     grad_y = torch.randn(16, 2048, 1536, device=DEVICE, dtype=torch.bfloat16)
-    candidates = [("sequential", 32, 32, 1, 1), ("sequential", 64, 32, 1, 1), ("sequential", 32, 64, 2, 2),
-                  ("sequential", 16, 32, 1, 1), ("chunk-scan", 16, 8, 4, 4), ("chunk-scan", 16, 32, 4, 8)]
     best = None
-    for design, tile_t, tile_d, fwd_warps, bwd_warps in candidates:
-        triton_scan.DESIGN = design
-        triton_scan.CONFIGS[design].update(BLOCK_T=tile_t, BLOCK_D=tile_d, fwd_warps=fwd_warps, bwd_warps=bwd_warps)
+    for tile_t, tile_d, warps in ((16, 32, 1), (32, 32, 1), (64, 32, 1), (32, 64, 2)):
+        config = dict(BLOCK_T=tile_t, BLOCK_D=tile_d, fwd_warps=warps, bwd_warps=warps)
+        triton_scan.CONFIG.update(config)
 
         def forward():
             with torch.no_grad():
@@ -170,19 +167,13 @@ def sweep_tiles() -> None:
             y, _ = triton_scan.selective_scan_triton(**leaves)
             y.backward(grad_y)
 
-        row = f"| {design} | {tile_t} | {tile_d} | {fwd_warps} | {bwd_warps} |"
-        try:
-            forward_backward()
-            fwd, both = median_ms(forward, 10), median_ms(forward_backward, 5)
-        except Exception as error:  # a tile that does not compile (too many registers, say) is skipped
-            print(f"{row} failed: {type(error).__name__} | |")
-            continue
-        print(f"{row} {fwd:.2f} | {both:.2f} |", flush=True)
+        forward_backward()
+        fwd, both = median_ms(forward, 10), median_ms(forward_backward, 5)
+        print(f"| {tile_t} | {tile_d} | {warps} | {fwd:.2f} | {both:.2f} |", flush=True)
         if best is None or both < best[0]:
-            best = (both, design, dict(BLOCK_T=tile_t, BLOCK_D=tile_d, fwd_warps=fwd_warps, bwd_warps=bwd_warps))
-    _, triton_scan.DESIGN, config = best
-    triton_scan.CONFIGS[triton_scan.DESIGN].update(config)
-    print(f"\nkept {triton_scan.DESIGN} {config}\n")
+            best = (both, config)
+    triton_scan.CONFIG.update(best[1])
+    print(f"\nkept {best[1]}\n")
 
 
 def training_rate(arch: str, batch: int, length: int, steps: int = 6) -> tuple[float, float]:

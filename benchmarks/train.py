@@ -54,11 +54,13 @@ def measure(preset: str, batch_size: int, seq_len: int, steps: int, warmup: int,
     return row
 
 
-def run_row(preset: str, batch_size: int, seq_len: int, steps: int, warmup: int, device: str) -> dict:
-    """One row in a fresh Python process."""
+def run_row(preset: str, batch_size: int, seq_len: int, steps: int, warmup: int, device: str,
+            threads: int | None) -> dict:
+    """One row in a fresh Python process (with ``threads`` CPU threads, default: torch's choice)."""
     command = [sys.executable, __file__, "--one", "--preset", preset, "--batch-size", str(batch_size),
                "--seq-len", str(seq_len), "--steps", str(steps), "--warmup", str(warmup), "--device", device]
-    done = subprocess.run(command, capture_output=True, text=True, env=os.environ)
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         return {"preset": preset, "batch_size": batch_size, "seq_len": seq_len, "device": device,
                 "error": (done.stderr.strip().splitlines() or ["failed"])[-1]}
@@ -66,7 +68,7 @@ def run_row(preset: str, batch_size: int, seq_len: int, steps: int, warmup: int,
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"| preset | device | batch x length | threads | bytes/s | peak memory | official mamba_ssm 2.3.2 (H100) |")
+    print("| preset | device | batch x length | threads | bytes/s | peak memory | official mamba_ssm 2.3.2 (H100) |")
     print("|---|---|---|---|---|---|---|")
     for row in rows:
         shape = f"{row['batch_size']} x {row['seq_len']}"
@@ -89,6 +91,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="steps per row (default: 8 on CPU, 30 on CUDA)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed first steps (default: 2 on CPU, 5 on CUDA)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: every device there is)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads per row (OMP_NUM_THREADS)")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # internal: measure in this process
     args = parser.parse_args()
 
@@ -106,7 +109,7 @@ def main() -> None:
     for device in devices:
         standard = CUDA_ROWS if device.startswith("cuda") else CPU_ROWS
         for preset, batch_size, seq_len in [(args.preset, args.batch_size, args.seq_len)] if args.preset else standard:
-            rows.append(run_row(preset, batch_size, seq_len, *plan(device), device))
+            rows.append(run_row(preset, batch_size, seq_len, *plan(device), device, args.threads))
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     print_table(rows)
 

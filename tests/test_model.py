@@ -159,3 +159,35 @@ def test_head_is_tied_to_embedding(tiny_model):
 def test_logits_are_fp32_and_shaped(tiny_model):
     logits = tiny_model(random_ids(2, 7))
     assert logits.shape == (2, 7, 256) and logits.dtype == torch.float32
+
+
+@pytest.mark.parametrize("backend", ["reference", "chunked"])
+def test_bf16_autocast_trains_with_every_backend(tiny_model, backend, monkeypatch):
+    """Mixed precision (as on GPU) must run forward and backward, and stay close to fp32."""
+    monkeypatch.setenv("MAMBABYTE_SCAN", backend)
+    ids = torch.randint(0, 256, (2, 33), generator=torch.Generator().manual_seed(0))
+    reference = tiny_model(ids)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = tiny_model(ids)
+    logits.float().logsumexp(-1).mean().backward()
+    assert logits.dtype == torch.float32
+    assert (logits - reference).abs().max() < 0.1
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in tiny_model.parameters())
+
+
+def test_bf16_weights_forward_and_step_match_fp32(tiny_model):
+    """A model cast to bf16 (how GPU decoding stores it) runs both paths and stays close to fp32."""
+    ids = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        reference = tiny_model(ids)
+        half = build_model(tiny_model.config)
+        half.load_state_dict(tiny_model.state_dict())
+        half = half.to(torch.bfloat16).eval()
+        logits = half(ids)
+        state, stepped = half.init_state(2), []
+        for t in range(ids.shape[1]):
+            out, state = half.step(ids[:, t], state)
+            stepped.append(out)
+    assert logits.dtype == torch.float32
+    assert (logits - reference).abs().max() < 0.05
+    assert (torch.stack(stepped, 1) - reference).abs().max() < 0.05

@@ -96,7 +96,7 @@ def test_sampling_follows_the_byte_model_distribution(tokenizer, models):
         p = probs(byte_model(torch.tensor([list(context)]))[0, -1])
     counts = torch.zeros(256)
     gen = torch.Generator().manual_seed(0)
-    n = 3000
+    n = 1500
     for _ in range(n):
         decoder = SpeculativeDecoder(byte_model, drafter, tokenizer, draft_len=2, probs=probs, generator=gen)
         counts[decoder.generate(context, 1)[0]] += 1
@@ -106,3 +106,25 @@ def test_sampling_follows_the_byte_model_distribution(tokenizer, models):
     chi2 = float(((observed - expected) ** 2 / expected.clamp(min=1e-9)).sum())
     dof = int(keep.sum())
     assert chi2 < dof + 5 * (2 * dof) ** 0.5  # far beyond this would mean a biased sampler
+
+
+def test_cli_draft_equals_plain_greedy(models, tokenizer, tmp_path):
+    import subprocess
+    import sys
+
+    from mambabyte.checkpoint import save_pretrained
+
+    byte_model, drafter = models
+    save_pretrained(byte_model, tmp_path / "byte")
+    save_pretrained(drafter, tmp_path / "draft")
+    tokenizer.save(tmp_path / "draft")
+    base = [sys.executable, "-m", "mambabyte.cli", "generate", str(tmp_path / "byte"), "--prompt", "the cat",
+            "--temperature", "0", "--max-bytes", "30", "--raw"]
+    plain = subprocess.run(base, capture_output=True, check=True).stdout
+    drafted = subprocess.run(base + ["--draft", str(tmp_path / "draft"), "--draft-len", "3", "--draft-report"],
+                             capture_output=True)
+    assert drafted.returncode == 0, drafted.stderr
+    assert drafted.stdout == plain and len(plain) == 30
+    assert b"acceptance" in drafted.stderr
+    no_tokenizer = subprocess.run(base + ["--draft", str(tmp_path / "byte")], capture_output=True, text=True)
+    assert no_tokenizer.returncode == 2 and "Traceback" not in no_tokenizer.stderr

@@ -349,7 +349,7 @@ def _as_bytes(text: bytes | str) -> bytes:
     return text.encode("utf-8") if isinstance(text, str) else bytes(text)
 
 
-def _check_stops(stop: Sequence[bytes | str]) -> list[bytes]:
+def check_stops(stop: Sequence[bytes | str]) -> list[bytes]:
     if isinstance(stop, (bytes, str)):
         stop = [stop]
     stops = [_as_bytes(s) for s in stop]
@@ -368,7 +368,7 @@ def stream_rows(decoder: Decoder, max_bytes: int, stop: Sequence[bytes | str] = 
     """
     if max_bytes < 0:
         raise UserError(f"--max-bytes must be >= 0, got {max_bytes}")
-    stops = _check_stops(stop)  # checked now, not at the first byte
+    stops = check_stops(stop)  # checked now, not at the first byte
     return _stream_rows(decoder, max_bytes, [StopFilter(stops) for _ in range(decoder.batch)], block)
 
 

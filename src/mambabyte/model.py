@@ -23,7 +23,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype) * self.weight  # x * rsqrt(mean(x^2) + eps)
+        # x * rsqrt(mean(x^2) + eps) in fp32, then in the weights' dtype (what the next projection reads)
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(self.weight.dtype) * self.weight
 
 
 class MambaBlock(nn.Module):
@@ -62,7 +63,8 @@ class MambaByteLM(nn.Module):
 
     def head(self, hidden: Tensor) -> Tensor:
         """Final norm and the byte head, tied to the embedding."""
-        return self.norm_f(hidden) @ self.embedding.weight.t().to(hidden.dtype)
+        normed = self.norm_f(hidden)
+        return normed @ self.embedding.weight.t().to(normed.dtype)
 
     def forward(self, ids: Tensor, state: list[LayerState] | None = None, return_state: bool = False,
                 reset: Tensor | None = None):

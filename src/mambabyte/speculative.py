@@ -18,13 +18,19 @@ verifier's coins, this is speculative sampling with a point-mass proposal and th
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from mambabyte.subword import SubwordTokenizer
+from mambabyte.checkpoint import load_pretrained
+from mambabyte.errors import UserError
+from mambabyte.evaluate import DEFAULT_SEPARATOR
+from mambabyte.generate import Sampling, StopFilter, check_stops
+from mambabyte.subword import TOKENIZER_FILE, SubwordTokenizer
 
 
 @dataclass
@@ -99,15 +105,15 @@ class SpeculativeDecoder:
         return logits[0, -1], state
 
     @torch.no_grad()
-    def generate(self, context: bytes, max_bytes: int) -> bytes:
-        """Continues ``context`` (the document-start separator plus the prompt) by up to max_bytes bytes."""
+    def stream(self, context: bytes, max_bytes: int) -> Iterator[bytes]:
+        """Continues ``context`` (the document-start separator plus the prompt); yields each round's bytes."""
         device = next(self.byte_model.parameters()).device
         logits, byte_state = self.byte_model(_ids(context, device), state=self.byte_model.init_state(1), return_state=True)
         byte_logits = logits[0, -1]
         draft_logits, draft_state = self._drafter_read(context, self.drafter.init_state(1))
         self.stats.byte_model_calls += 1
-        out = bytearray()
-        while len(out) < max_bytes:
+        produced = 0
+        while produced < max_bytes:
             tokens, draft_states = self._draft(draft_state, draft_logits)
             piece = self.tokenizer.decode(tokens)
             verify, verified_state = self.byte_model(_ids(piece, device), state=byte_state, return_state=True)
@@ -132,13 +138,63 @@ class SpeculativeDecoder:
                                                      state=byte_state, return_state=True)
                 byte_logits = logits[0, -1]
             self.stats.byte_model_calls += 1
-            new = piece[:kept] + bytes([next_byte])
-            out += new
+            new = (piece[:kept] + bytes([next_byte]))[: max_bytes - produced]
+            produced += len(new)
+            self.stats.generated_bytes += len(new)
+            yield new
             # the drafter keeps the whole tokens it got right and re-reads the rest
             whole, length = 0, 0
             while whole < len(tokens) and length + len(self.tokenizer.token_bytes[tokens[whole]]) <= kept:
                 length += len(self.tokenizer.token_bytes[tokens[whole]])
                 whole += 1
-            draft_logits, draft_state = self._drafter_read(new[length:], draft_states[whole])
-        self.stats.generated_bytes += min(len(out), max_bytes)
-        return bytes(out[:max_bytes])
+            if produced < max_bytes:
+                draft_logits, draft_state = self._drafter_read(piece[length:kept] + bytes([next_byte]), draft_states[whole])
+
+    def generate(self, context: bytes, max_bytes: int) -> bytes:
+        """``stream`` joined."""
+        return b"".join(self.stream(context, max_bytes))
+
+
+def load_drafter(directory: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, SubwordTokenizer]:
+    """A subword model checkpoint: the model and the tokenizer saved beside it."""
+    tokenizer = SubwordTokenizer.load(directory) if (Path(directory) / TOKENIZER_FILE).is_file() else None
+    if tokenizer is None:
+        raise UserError(f"{directory} is not a subword drafter: it has no {TOKENIZER_FILE}")
+    model = load_pretrained(directory, device=device)
+    if model.config.vocab_size != tokenizer.vocab_size:
+        raise UserError(f"drafter {directory}: model vocabulary {model.config.vocab_size} != tokenizer's {tokenizer.vocab_size}")
+    return model, tokenizer
+
+
+def speculative_stream(byte_model: nn.Module, drafter: nn.Module, tokenizer: SubwordTokenizer,
+                       prompt: bytes | str = b"", max_bytes: int = 256, *, draft_len: int = 4, seed: int = 0,
+                       stop: Sequence[bytes | str] = (), separator: bytes = DEFAULT_SEPARATOR,
+                       stats: SpeculativeStats | None = None, **sampling) -> Iterator[bytes]:
+    """Like ``generate.stream``, but drafted by ``drafter``; the same output as plain decoding when greedy.
+
+    ``sampling``: temperature, top_k, top_p, min_p (repetition penalty and strict UTF-8 are not supported).
+    ``stats``: filled in as decoding goes (acceptance rate, bytes per byte-model call).
+    """
+    if draft_len < 1:
+        raise UserError(f"--draft-len must be >= 1, got {draft_len}")
+    rules = Sampling(**sampling)
+    if rules.repetition_penalty != 1 or rules.utf8 != "any":
+        raise UserError("speculative decoding supports temperature, top-k, top-p and min-p only")
+    if max_bytes < 0:
+        raise UserError(f"--max-bytes must be >= 0, got {max_bytes}")
+    generator = torch.Generator(device=next(byte_model.parameters()).device).manual_seed(seed)
+    probs = None if rules.greedy else (lambda logits: rules.probs(logits[None])[0])
+    decoder = SpeculativeDecoder(byte_model, drafter, tokenizer, draft_len, probs, generator)
+    if stats is not None:
+        decoder.stats = stats
+    stops = StopFilter(check_stops(stop))
+    prompt = prompt.encode() if isinstance(prompt, str) else bytes(prompt)
+    for chunk in decoder.stream(separator + prompt, max_bytes):
+        out = stops.push(chunk)
+        if out:
+            yield out
+        if stops.stopped:
+            return
+    tail = stops.flush()
+    if tail:
+        yield tail

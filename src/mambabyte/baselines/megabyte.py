@@ -84,8 +84,11 @@ PRESETS: dict[str, MegaByteConfig] = {
 
 
 def refuse_reset(reset: Tensor | None) -> None:
-    """Patches span document boundaries; MegaByte cannot start a new document inside a row."""
-    if reset is not None and bool(reset.any()):
+    """Patches span document boundaries; MegaByte cannot start a new document inside a row.
+
+    Any ``reset`` is refused, even one with no flag set, so that training with resets fails at its first step.
+    """
+    if reset is not None:
         raise UserError("the megabyte baseline cannot start a document inside a row (reset): train it without "
                         "document resets, and batch only prompts of one length")
 

@@ -50,6 +50,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-samples", type=int, default=1, metavar="N",
                         help="N samples of the prompt, generated as one batch (seeds SEED..SEED+N-1); "
                              "with N > 1 each is printed once all are done")
+    draft = parser.add_argument_group("speculative decoding")
+    draft.add_argument("--draft", metavar="DRAFT_CKPT",
+                       help="a subword drafter checkpoint (trained with `train --tokenizer`): it proposes, this "
+                            "model verifies; greedy output is identical to plain decoding")
+    draft.add_argument("--draft-len", type=int, default=4, metavar="K", help="subword tokens per draft (default 4)")
+    draft.add_argument("--draft-report", action="store_true",
+                       help="print acceptance rate and bytes per byte-model call to stderr at the end")
 
 
 def load_for_generation(args: argparse.Namespace) -> tuple:
@@ -113,6 +120,8 @@ def run(args: argparse.Namespace) -> int:
     model, options = load_for_generation(args)
     prompt = _read_prompt(args)
     stops = stop_strings(args)
+    if args.draft:
+        return _run_speculative(args, model, options, prompt, stops)
     if args.num_samples == 1:
         write_stream(stream(model, prompt, args.max_bytes, stop=stops, **options), args.raw)
         if not args.raw:
@@ -126,4 +135,23 @@ def run(args: argparse.Namespace) -> int:
             print(f"--- sample {index + 1} of {len(samples)} (seed {args.seed + index}) ---")
             write_stream([sample], raw=False)
             print()
+    return 0
+
+
+def _run_speculative(args: argparse.Namespace, model, options: dict, prompt: bytes, stops: list[bytes]) -> int:
+    from mambabyte.speculative import SpeculativeStats, load_drafter, speculative_stream
+
+    if args.num_samples != 1:
+        raise UserError("--draft generates one sample at a time (--num-samples 1)")
+    drafter, tokenizer = load_drafter(args.draft, device=next(model.parameters()).device)
+    sampling = {k: options[k] for k in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "utf8")}
+    stats = SpeculativeStats()
+    chunks = speculative_stream(model, drafter, tokenizer, prompt, args.max_bytes, draft_len=args.draft_len,
+                                seed=args.seed, stop=stops, separator=options["separator"], stats=stats, **sampling)
+    write_stream(chunks, args.raw)
+    if not args.raw:
+        print()
+    if args.draft_report:
+        print(f"speculative: {stats.generated_bytes} bytes in {stats.rounds} rounds, acceptance "
+              f"{stats.acceptance_rate:.1%}, {stats.bytes_per_call:.2f} bytes per byte-model call", file=sys.stderr)
     return 0

@@ -12,6 +12,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--preset", default="tiny", help="a named preset (default: tiny)")
     source.add_argument("--checkpoint", metavar="DIR", help="a checkpoint directory instead of a preset")
+    parser.add_argument("--arch", default="mambabyte", choices=["mambabyte", "transformer", "megabyte"],
+                        help="architecture of --preset (default: mambabyte)")
     parser.add_argument("--batch", type=int, default=1, help="batch size for the state size (default: 1)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -47,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
         name = args.checkpoint
     else:
         with torch.device("meta"):  # no memory for the weights: sizes only
-            model = build_model(preset(args.preset))
+            model = build_model(preset(args.preset, args.arch))
         name = args.preset
     summary = model_summary(model, args.batch)
     if args.json:

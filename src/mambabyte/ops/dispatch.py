@@ -58,7 +58,8 @@ def selective_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Te
                    backend: str | None = None) -> tuple[Tensor, Tensor]:
     """(y (batch, length, d_inner), final state (batch, d_inner, d_state)); see ops.selective_scan."""
     scan = SCAN_BACKENDS[resolve_backend(backend, x.device)]
-    return scan(x, dt, A, B, C, D, dt_bias, z=z, initial_state=initial_state, reset=reset)
+    with torch.autocast(x.device.type, enabled=False):  # backends choose their own precision (fp32 state)
+        return scan(x, dt, A, B, C, D, dt_bias, z=z, initial_state=initial_state, reset=reset)
 
 
 def selective_step(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, dt_bias: Tensor,
