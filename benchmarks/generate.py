@@ -179,7 +179,9 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     config = preset(args.preset)
     model = build_model(config).to(device).eval()
-    dtype = "bf16 autocast" if device.type == "cuda" else "fp32"
+    if device.type == "cuda":  # decoding reads every weight per byte: store them in bf16 (state stays fp32)
+        model = model.to(torch.bfloat16)
+    dtype = "bf16 weights" if device.type == "cuda" else "fp32"
     print(f"preset {args.preset} ({model.num_parameters() / 1e6:.2f}M parameters), {device.type}, {dtype}, "
           f"{torch.get_num_threads()} CPU threads, temperature {args.temperature}, "
           f"best of {args.repeats} runs of {args.steps} steps\n")

@@ -19,7 +19,7 @@ import tempfile
 
 # The official mamba_ssm 2.3.2 CUDA path on one H100 (issue 3): bench-91m, fp32 params, bf16 autocast, fused AdamW.
 OFFICIAL_H100 = {(16, 2048): (138_000, 23.6e9), (4, 8192): (135_000, 23.6e9)}
-CPU_ROWS = [("tiny", 8, 256), ("small", 8, 256)]
+CPU_ROWS = [("tiny", 8, 256), ("small", 4, 128), ("small", 8, 256)]
 CUDA_ROWS = [("bench-91m", 16, 2048), ("bench-91m", 4, 8192)]
 
 
@@ -59,7 +59,8 @@ def run_row(preset: str, batch_size: int, seq_len: int, steps: int, warmup: int,
     """One row in a fresh Python process (with ``threads`` CPU threads, default: torch's choice)."""
     command = [sys.executable, __file__, "--one", "--preset", preset, "--batch-size", str(batch_size),
                "--seq-len", str(seq_len), "--steps", str(steps), "--warmup", str(warmup), "--device", device]
-    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+    env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ,  # as `mambabyte train` runs (commands/train.py)
+           **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         return {"preset": preset, "batch_size": batch_size, "seq_len": seq_len, "device": device,

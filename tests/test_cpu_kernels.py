@@ -81,6 +81,23 @@ def test_fused_mixer_step_matches_plain_step(d_conv):
 
 
 @needs_kernels
+@pytest.mark.parametrize("batch", [1, 3, 9])  # 9: above BLOCK_STEP_MAX_BATCH, the per-op path with the fused mixer step
+def test_fused_block_step_matches_plain_step(batch):
+    torch.manual_seed(batch)
+    block = MambaByteLM(MambaByteConfig(d_model=24, n_layer=1, d_state=5)).layers[0]
+    state = block.mixer.init_state(batch)
+    state = state._replace(conv=torch.randn_like(state.conv), ssm=torch.randn_like(state.ssm))
+    for _ in range(3):
+        hidden = torch.randn(batch, 24)
+        with torch.no_grad():
+            out, fused_state = block.step(hidden, state)
+        out_ref, state = block.step(hidden, state)  # autograd on: the plain PyTorch path
+        torch.testing.assert_close(out, out_ref.detach(), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(fused_state.conv, state.conv.detach())
+        torch.testing.assert_close(fused_state.ssm, state.ssm.detach(), atol=1e-5, rtol=1e-4)
+
+
+@needs_kernels
 def test_fused_steps_equal_forward():
     torch.manual_seed(0)
     model = MambaByteLM(MambaByteConfig(d_model=32, n_layer=2, d_state=8)).eval()
@@ -97,7 +114,8 @@ def test_turned_off_falls_back_to_pure_pytorch(monkeypatch, rebuilt_library):
     monkeypatch.setenv("MAMBABYTE_CPU_KERNELS", "0")
     assert not cpu_kernels.available()
     assert resolve_backend(None, torch.device("cpu")) == "chunked"
-    assert not cpu_kernels.mixer_step_applies(torch.zeros(1))
+    with torch.no_grad():
+        assert not cpu_kernels.block_step_applies(torch.zeros(1, 4))
 
 
 def test_failed_build_warns_and_falls_back(monkeypatch, tmp_path, rebuilt_library):

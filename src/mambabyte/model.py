@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from mambabyte.config import MambaByteConfig
 from mambabyte.mixer import LayerState, MambaMixer
+from mambabyte.ops import cpu_kernels
 
 
 class RMSNorm(nn.Module):
@@ -40,6 +41,12 @@ class MambaBlock(nn.Module):
         return hidden + out.float(), state
 
     def step(self, hidden: Tensor, state: LayerState):
+        m = self.mixer
+        if cpu_kernels.block_step_applies(hidden, m.in_proj.weight, state.conv):  # CPU decoding: the block in one call
+            hidden, conv_state, ssm_state = cpu_kernels.block_step_cpu(
+                hidden, self.norm.weight, self.norm.eps, m.in_proj.weight, m.conv1d.weight, m.conv1d.bias,
+                m.x_proj.weight, m.dt_proj.weight, m.dt_proj.bias, m.A_log, m.D, m.out_proj.weight, state.conv, state.ssm)
+            return hidden, LayerState(conv_state, ssm_state)
         out, state = self.mixer.step(self.norm(hidden), state)
         return hidden + out.float(), state
 

@@ -63,10 +63,10 @@ class TrainConfig:
     valid_data: str | None = None  # held-out documents; default: a seeded ``valid_fraction`` of ``data``'s documents
     valid_fraction: float = 0.05
     text_field: str = "text"
-    # The defaults suit the `small` preset on a 2-core CPU: at a fixed number of bytes, many small steps beat
-    # few large ones there (held-out BPB after 300 KB: 4x128 2.07, 4x256 2.09, 8x256 2.15; docs/training.md).
+    # The defaults suit the `small` preset on a 2-core CPU, where ~1 KB steps train fastest per second
+    # (many small steps beat few large ones per byte; below ~1 KB two threads stop helping; docs/training.md).
     batch_size: int = 4  # windows per global micro-batch (all ranks together)
-    seq_len: int = 128  # bytes per window (the model reads seq_len bytes and predicts the next seq_len)
+    seq_len: int = 256  # bytes per window (the model reads seq_len bytes and predicts the next seq_len)
     grad_accum: int = 1  # micro-batches per optimizer step
     lr: float = 3e-3
     min_lr_ratio: float = 0.1  # the cosine ends at lr * min_lr_ratio

@@ -36,7 +36,8 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, max_bytes: int) -> N
                         help="write the bytes as they are (default: UTF-8 text, invalid bytes shown as U+FFFD)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
-                        help="compute dtype (default auto: bfloat16 autocast on CUDA, float32 elsewhere)")
+                        help="compute dtype (default auto: bfloat16 on CUDA (MambaByte: bf16 weights, others: autocast), "
+                             "float32 elsewhere)")
     parser.add_argument("--no-cuda-graph", action="store_true", help="do not capture the decoding step in a CUDA graph")
 
 
@@ -78,6 +79,9 @@ def load_for_generation(args: argparse.Namespace) -> tuple:
         model = load_pretrained(args.checkpoint, device=device)
     except (RuntimeError, ValueError) as error:
         raise UserError(f"cannot load {args.checkpoint} on {device}: {str(error).splitlines()[0]}") from None
+    on_cuda = next(model.parameters()).is_cuda
+    if model.config.arch == "mambabyte" and (args.dtype == "bfloat16" or (args.dtype == "auto" and on_cuda)):
+        model = model.to(torch.bfloat16)  # decoding reads every weight per byte; the SSM state stays fp32
     options = dict(sampling, seed=args.seed, separator=separator, cuda_graph=not args.no_cuda_graph,
                    dtype=None if args.dtype == "auto" else getattr(torch, args.dtype))
     return model, options

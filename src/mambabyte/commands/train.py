@@ -38,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="end this run after STEPS steps with a checkpoint to --resume; the schedule still "
                           "runs to --max-steps (for jobs split across time-limited allocations)")
     run.add_argument("--batch-size", type=int, help="windows per micro-batch, all processes together (default 4)")
-    run.add_argument("--seq-len", type=int, help="bytes per window (default 128)")
+    run.add_argument("--seq-len", type=int, help="bytes per window (default 256)")
     run.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default 1)")
     run.add_argument("--lr", type=float, help="peak learning rate (default 0.003)")
     run.add_argument("--min-lr-ratio", type=float, help="final learning rate as a fraction of --lr (default 0.1)")
@@ -61,6 +61,9 @@ def run(args: argparse.Namespace) -> int:
     import math
     import os
 
+    # Idle OpenMP threads sleep instead of spinning: on a CPU shared with other jobs, spinning made training
+    # up to 8x slower (benchmarks in docs/training.md); it costs ~5% on an idle machine. Read when torch loads.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from mambabyte.train import TrainConfig, train
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}

@@ -1,4 +1,5 @@
-"""The compiled CPU selective scan (ops/cpu_scan.c): built with the system C compiler at first use, called via ctypes.
+"""The compiled CPU selective scan and decoding steps (ops/cpu_scan.c): built with the system C compiler at first
+use, called through ctypes.
 
 Nothing here is needed: when no compiler is found or the build fails, ``available()`` is False (with one
 warning) and the dispatch uses the pure-PyTorch backends. ``MAMBABYTE_CPU_KERNELS=0`` turns the kernels off.
@@ -31,6 +32,7 @@ SOURCE = Path(__file__).with_name("cpu_scan.c")
 LANES = 16  # channels per vector block; the same constant as in cpu_scan.c
 CHUNK = 64  # positions between the states kept for the backward (which recomputes one chunk at a time)
 PARALLEL_MIN_WORK = 1 << 18  # batch*length*d_inner*d_state below which one thread does the whole scan
+BLOCK_STEP_MAX_BATCH = 8  # above this, batched matrix products in PyTorch beat the fused block step
 FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-std=c11", "-fno-math-errno", "-fno-trapping-math",
          "-fassociative-math", "-fno-signed-zeros", "-freciprocal-math"]  # not -ffast-math: it would set FTZ for the process
 
@@ -40,6 +42,7 @@ _SIGNATURES = {
     "scan_backward": (ctypes.c_int, [_P] * 15 + [_I] * 7),
     "scan_step": (None, [_P] * 11 + [_I] * 3),
     "mixer_step": (None, [_P] * 13 + [_I] * 5),
+    "block_step": (None, [_P] * 2 + [ctypes.c_float] + [_P] * 14 + [_I] * 6),
 }
 
 
@@ -231,3 +234,29 @@ def mixer_step_cpu(xz: Tensor, conv_weight: Tensor, conv_bias: Tensor, x_proj_we
     _loaded().mixer_step(*(t.data_ptr() for t in inputs), y.data_ptr(), next_conv.data_ptr(), next_ssm.data_ptr(),
                          batch, d_inner, kernel, dt_rank, d_state)
     return y, next_conv, next_ssm
+
+
+def block_step_applies(hidden: Tensor, *tensors: Tensor) -> bool:
+    """True when ``block_step_cpu`` should run: small-batch fp32 CPU decoding without autograd, kernels built."""
+    return hidden.shape[0] <= BLOCK_STEP_MAX_BATCH and mixer_step_applies(hidden, *tensors)
+
+
+def block_step_cpu(hidden: Tensor, norm_weight: Tensor, eps: float, in_proj_weight: Tensor, conv_weight: Tensor,
+                   conv_bias: Tensor, x_proj_weight: Tensor, dt_proj_weight: Tensor, dt_bias: Tensor, A_log: Tensor,
+                   D: Tensor, out_proj_weight: Tensor, conv_state: Tensor, ssm_state: Tensor,
+                   ) -> tuple[Tensor, Tensor, Tensor]:
+    """A whole pre-norm block's decoding step, fused: hidden (batch, d_model) -> (hidden + mixer(norm(hidden)), states).
+
+    The same math as MambaBlock.step's plain path (RMSNorm, in_proj, ``mixer_step_cpu``, out_proj, residual), fp32 only.
+    """
+    batch, d_model = hidden.shape
+    d_inner, kernel = D.shape[0], conv_weight.shape[-1]
+    out = torch.empty_like(hidden)
+    next_conv = torch.empty_like(conv_state)
+    next_ssm = torch.empty_like(ssm_state)
+    inputs = [t.contiguous() for t in (in_proj_weight, conv_weight, conv_bias, conv_state, x_proj_weight,
+                                         dt_proj_weight, dt_bias, A_log, D, ssm_state, out_proj_weight)]
+    _loaded().block_step(hidden.contiguous().data_ptr(), norm_weight.data_ptr(), eps, *(t.data_ptr() for t in inputs),
+                         out.data_ptr(), next_conv.data_ptr(), next_ssm.data_ptr(),
+                         batch, d_model, d_inner, kernel, dt_proj_weight.shape[1], A_log.shape[1])
+    return out, next_conv, next_ssm

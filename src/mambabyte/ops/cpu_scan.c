@@ -35,6 +35,22 @@ static inline float exp_approx(float x) {
     return p * scale.f;
 }
 
+static inline float silu(float v) { return v / (1.0f + exp_approx(-v)); }
+
+/* softplus(v) = max(v, 0) + log(1 + exp(-|v|)), the log as 2 atanh(s) with s = t / (2 + t) <= 1/3, so that it vectorises. */
+static inline float softplus(float v) {
+    const float t = exp_approx(-fabsf(v));
+    const float s = t / (2.0f + t), s2 = s * s;
+    float p = 1.0f / 13.0f;
+    p = p * s2 + 1.0f / 11.0f;
+    p = p * s2 + 1.0f / 9.0f;
+    p = p * s2 + 1.0f / 7.0f;
+    p = p * s2 + 1.0f / 5.0f;
+    p = p * s2 + 1.0f / 3.0f;
+    p = p * s2 + 1.0f;
+    return (v > 0.0f ? v : 0.0f) + 2.0f * s * p;
+}
+
 /* One block of `w` channels starting at d0 of batch row b, over all positions. */
 static inline __attribute__((always_inline)) void forward_block(
     const int w, const int64_t b, const int64_t d0, const int64_t L, const int64_t D, const int64_t N,
@@ -198,7 +214,7 @@ void scan_step(const float *x, const float *dt, const float *A, const float *Bm,
         for (int64_t d = 0; d < D; d++) {
             const int64_t i = b * D + d;
             const float v = dt[i] + dt_bias[d];
-            const float delta = v > 20.0f ? v : log1pf(expf(v));
+            const float delta = v > 20.0f ? v : softplus(v);
             const float *a = A + d * N, *h = state + i * N, *Bt = Bm + b * N, *Ct = Cm + b * N;
             float *hn = next_state + i * N;
             float acc = 0.0f;
@@ -206,11 +222,9 @@ void scan_step(const float *x, const float *dt, const float *A, const float *Bm,
                 hn[n] = exp_approx(delta * a[n]) * h[n] + delta * x[i] * Bt[n];
                 acc += Ct[n] * hn[n];
             }
-            y[i] = (acc + Dv[d] * x[i]) * z[i] / (1.0f + expf(-z[i]));
+            y[i] = (acc + Dv[d] * x[i]) * silu(z[i]);
         }
 }
-
-static inline float silu(float v) { return v / (1.0f + exp_approx(-v)); }
 
 /* One decoding position of the whole Mamba mixer after in_proj: causal conv + SiLU, x_proj, dt_proj,
  * softplus, the scan step with A = -exp(A_log), the D skip and the silu(z) gate.
@@ -220,7 +234,7 @@ void mixer_step(const float *xz, const float *conv_w, const float *conv_b, const
                 const float *x_proj_w, const float *dt_proj_w, const float *dt_bias, const float *A_log,
                 const float *Dv, const float *ssm_state, float *y, float *next_conv, float *next_ssm,
                 int64_t batch, int64_t E, int64_t K, int64_t R, int64_t N) {
-    float u[E], delta[E], proj[R + 2 * N];
+    float u[E], delta[E], gate[E], proj[R + 2 * N];
     for (int64_t b = 0; b < batch; b++) {
         const float *x_in = xz + b * 2 * E, *z = x_in + E;
         for (int64_t d = 0; d < E; d++) {
@@ -244,7 +258,10 @@ void mixer_step(const float *xz, const float *conv_w, const float *conv_b, const
             for (int64_t r = 0; r < R; r++) v += dt_proj_w[d * R + r] * proj[r];
             delta[d] = v;
         }
-        for (int64_t d = 0; d < E; d++) delta[d] = delta[d] > 20.0f ? delta[d] : log1pf(exp_approx(delta[d]));  /* softplus */
+        for (int64_t d = 0; d < E; d++) {
+            delta[d] = delta[d] > 20.0f ? delta[d] : softplus(delta[d]);
+            gate[d] = silu(z[d]);
+        }
         const float *Bt = proj + R, *Ct = proj + R + N;
         for (int64_t d = 0; d < E; d++) {
             const float *h = ssm_state + (b * E + d) * N, *a_log = A_log + d * N;
@@ -254,7 +271,50 @@ void mixer_step(const float *xz, const float *conv_w, const float *conv_b, const
                 hn[n] = exp_approx(-delta[d] * exp_approx(a_log[n])) * h[n] + delta[d] * u[d] * Bt[n];
                 acc += Ct[n] * hn[n];
             }
-            y[b * E + d] = (acc + Dv[d] * u[d]) * silu(z[d]);
+            y[b * E + d] = (acc + Dv[d] * u[d]) * gate[d];
         }
+    }
+}
+
+/* y (rows) = W (rows, cols) x (cols), four rows at a time so that the sums run side by side. */
+static void matvec(const float *W, const float *x, float *y, int64_t rows, int64_t cols) {
+    int64_t j = 0;
+    for (; j + 4 <= rows; j += 4) {
+        const float *w0 = W + j * cols, *w1 = w0 + cols, *w2 = w1 + cols, *w3 = w2 + cols;
+        float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
+        for (int64_t k = 0; k < cols; k++) {
+            a0 += w0[k] * x[k];
+            a1 += w1[k] * x[k];
+            a2 += w2[k] * x[k];
+            a3 += w3[k] * x[k];
+        }
+        y[j] = a0; y[j + 1] = a1; y[j + 2] = a2; y[j + 3] = a3;
+    }
+    for (; j < rows; j++) {
+        float acc = 0.0f;
+        for (int64_t k = 0; k < cols; k++) acc += W[j * cols + k] * x[k];
+        y[j] = acc;
+    }
+}
+
+/* One decoding position of a whole pre-norm residual block: out = h + out_proj(mixer(rmsnorm(h) * norm_w)).
+ * hidden, out (batch, M); in_proj_w (2E, M); out_proj_w (M, E); the rest as in mixer_step. */
+void block_step(const float *hidden, const float *norm_w, float eps, const float *in_proj_w, const float *conv_w,
+                const float *conv_b, const float *conv_state, const float *x_proj_w, const float *dt_proj_w,
+                const float *dt_bias, const float *A_log, const float *Dv, const float *ssm_state,
+                const float *out_proj_w, float *out, float *next_conv, float *next_ssm,
+                int64_t batch, int64_t M, int64_t E, int64_t K, int64_t R, int64_t N) {
+    float normed[M], xz[2 * E], y[E];
+    for (int64_t b = 0; b < batch; b++) {
+        const float *h = hidden + b * M;
+        float sum_sq = 0.0f;
+        for (int64_t m = 0; m < M; m++) sum_sq += h[m] * h[m];
+        const float scale = 1.0f / sqrtf(sum_sq / (float)M + eps);
+        for (int64_t m = 0; m < M; m++) normed[m] = h[m] * scale * norm_w[m];
+        matvec(in_proj_w, normed, xz, 2 * E, M);
+        mixer_step(xz, conv_w, conv_b, conv_state + b * E * (K - 1), x_proj_w, dt_proj_w, dt_bias, A_log, Dv,
+                   ssm_state + b * E * N, y, next_conv + b * E * (K - 1), next_ssm + b * E * N, 1, E, K, R, N);
+        matvec(out_proj_w, y, out + b * M, M, E);
+        for (int64_t m = 0; m < M; m++) out[b * M + m] += h[m];
     }
 }
