@@ -128,3 +128,21 @@ def test_cli_draft_equals_plain_greedy(models, tokenizer, tmp_path):
     assert b"acceptance" in drafted.stderr
     no_tokenizer = subprocess.run(base + ["--draft", str(tmp_path / "byte")], capture_output=True, text=True)
     assert no_tokenizer.returncode == 2 and "Traceback" not in no_tokenizer.stderr
+
+
+def test_trainer_trains_a_subword_drafter(tokenizer, tmp_path):
+    """`train --tokenizer`: windows of tokens, held-out bits per byte, and a checkpoint load_drafter accepts."""
+    from mambabyte.speculative import load_drafter
+    from mambabyte.train import TrainConfig, train
+
+    (tmp_path / "docs").mkdir()
+    for i, doc in enumerate(TEXT):
+        (tmp_path / "docs" / f"{i}.txt").write_bytes(doc)
+    tokenizer.save(tmp_path / "tok")
+    result = train(TrainConfig(data=str(tmp_path / "docs"), out=str(tmp_path / "run"), preset="tiny",
+                               tokenizer=str(tmp_path / "tok"), max_steps=30, seq_len=32, batch_size=4,
+                               valid_fraction=0.2, eval_every=0, eval_bytes=2048, progress=False))
+    drafter, loaded = load_drafter(result.checkpoint)
+    assert drafter.config.vocab_size == tokenizer.vocab_size
+    assert loaded.token_bytes == tokenizer.token_bytes
+    assert 0 < result.valid_bits_per_byte < 8  # per byte, and it learned the repetitive text

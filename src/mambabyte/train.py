@@ -46,6 +46,8 @@ from mambabyte.config import preset
 from mambabyte.data import ByteCorpus, WindowSampler, load_corpus, split_corpus
 from mambabyte.errors import UserError
 from mambabyte.evaluate import evaluate
+from mambabyte.robustness import subword_bits_per_byte
+from mambabyte.subword import SubwordTokenizer, tokenize_corpus
 
 TRAINING_STATE_FILE = "training_state.pt"
 LOG_FILE = "log.jsonl"
@@ -60,6 +62,7 @@ class TrainConfig:
     out: str
     preset: str = "small"
     arch: str = "mambabyte"
+    tokenizer: str | None = None  # a `mambabyte tokenizer train` directory: train a subword model (windows of tokens)
     valid_data: str | None = None  # held-out documents; default: a seeded ``valid_fraction`` of ``data``'s documents
     valid_fraction: float = 0.05
     text_field: str = "text"
@@ -238,7 +241,8 @@ def set_rng_states(states: dict) -> None:
 
 
 def save_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, config,
-                    metadata: dict, training_state: dict | None, is_main: bool) -> None:
+                    metadata: dict, training_state: dict | None, is_main: bool,
+                    tokenizer: SubwordTokenizer | None = None) -> None:
     """Model files (+ training_state.pt when given an optimizer), atomically. Every rank must call it (FSDP gathers)."""
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     weights = get_model_state_dict(model, options=options)
@@ -249,6 +253,8 @@ def save_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Op
         full_model.load_state_dict(weights, assign=True)
         with atomic_directory(directory) as staging:
             write_model_files(full_model, staging, metadata)
+            if tokenizer is not None:  # a subword model's checkpoint carries its vocabulary
+                tokenizer.save(staging)
             if optimizer is not None:
                 torch.save({**training_state, "optimizer": optimizer_state}, staging / TRAINING_STATE_FILE)
     if dist.is_initialized():
@@ -367,6 +373,11 @@ def train(cfg: TrainConfig) -> TrainResult:
     """Train (or continue) a model as ``cfg`` says; see the module docstring."""
     check_config(cfg)
     config = preset(cfg.preset, cfg.arch)
+    tokenizer = SubwordTokenizer.load(cfg.tokenizer) if cfg.tokenizer else None
+    if tokenizer is not None:
+        if cfg.arch != "mambabyte":
+            raise UserError("--tokenizer trains a subword Mamba: use it with --arch mambabyte")
+        config = dataclasses.replace(config, vocab_size=tokenizer.vocab_size)
     rank, world, device = _distributed_setup(cfg)
     is_main = rank == 0
     if cfg.batch_size % world:
@@ -376,8 +387,10 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     train_corpus, valid_corpus = load_data(cfg)
     separator = cfg.separator.encode("latin-1")
+    if tokenizer is not None:  # windows of tokens; every document already begins with the separator's tokens
+        train_corpus = tokenize_corpus(train_corpus, tokenizer, separator)
     sampler = WindowSampler(train_corpus, window=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed,
-                            separator=separator, reset_at_boundaries=cfg.reset_at_boundaries)
+                            separator=b"" if tokenizer else separator, reset_at_boundaries=cfg.reset_at_boundaries)
     valid_documents = held_out_documents(valid_corpus, cfg.eval_bytes, cfg.seed)
     rows = slice(rank * cfg.batch_size // world, (rank + 1) * cfg.batch_size // world)  # this rank's rows
 
@@ -417,14 +430,17 @@ def train(cfg: TrainConfig) -> TrainResult:
                  "sampler": sampler.state_dict(), "rng": rng_states(), "train_config": cfg.to_dict()}
         save_checkpoint(directory, model, optimizer if with_training_state else None, config,
                         {**metadata, "step": step, "bytes_seen": bytes_seen, "valid_bits_per_byte": valid_bpb},
-                        state, is_main)
+                        state, is_main, tokenizer)
 
     def evaluate_held_out() -> float | None:
         """Held-out BPB, logged; the weights go to OUT/best when it is the best so far."""
         nonlocal best_valid
         if not valid_documents:
             return None
-        bpb = evaluate(eval_model, valid_documents, separator=separator, window=cfg.eval_window).bits_per_byte
+        if tokenizer is None:
+            bpb = evaluate(eval_model, valid_documents, separator=separator, window=cfg.eval_window).bits_per_byte
+        else:  # a subword model is measured per byte too: total NLL of its tokens / bytes
+            bpb = subword_bits_per_byte(eval_model, tokenizer, valid_documents, separator, window=cfg.eval_window)
         log({"step": step, "valid_bpb": bpb, "bytes_seen": bytes_seen, "elapsed": elapsed})
         if is_main and cfg.progress:
             bar.write(f"step {step}: held-out {bpb:.4f} bits/byte")

@@ -27,6 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model = parser.add_argument_group("model")
     model.add_argument("--preset", help="model size (default small)")
     model.add_argument("--arch", help="architecture (default mambabyte)")
+    model.add_argument("--tokenizer", metavar="DIR",
+                       help="train a subword Mamba on this `mambabyte tokenizer train` vocabulary (e.g. the drafter "
+                            "of speculative decoding); --seq-len then counts tokens")
 
     run = parser.add_argument_group("run")
     run.add_argument("--out", required=True, metavar="DIR",
