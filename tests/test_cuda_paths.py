@@ -1,0 +1,80 @@
+"""On a CUDA machine: the GPU kernels at short lengths with carried state, as decoding and speculative
+verification use them (skipped elsewhere; CI has no GPU)."""
+
+import pytest
+import torch
+
+from mambabyte.architectures import build_model
+from mambabyte.config import MambaByteConfig
+from mambabyte.ops.causal_conv import causal_conv1d
+from mambabyte.ops.dispatch import selective_step_torch
+from mambabyte.ops.selective_scan import selective_scan_ref
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def _inputs(batch, length, d_inner, d_state, device):
+    g = torch.Generator(device="cpu").manual_seed(length)
+    r = lambda *s: torch.randn(*s, generator=g).to(device)  # noqa: E731
+    return (r(batch, length, d_inner), r(batch, length, d_inner) - 2, -torch.rand(d_inner, d_state, generator=g).to(device) * 4,
+            r(batch, length, d_state), r(batch, length, d_state), r(d_inner), r(d_inner), r(batch, length, d_inner),
+            r(batch, d_inner, d_state))
+
+
+@cuda
+@pytest.mark.parametrize("length", [1, 2, 3, 4, 5, 16, 17, 63, 64, 65, 130])
+def test_triton_scan_with_initial_state_at_short_lengths(length):
+    from mambabyte.ops.triton_scan import selective_scan_triton
+
+    x, dt, A, B, C, D, bias, z, h0 = _inputs(2, length, 1536, 16, "cuda")
+    y, final = selective_scan_triton(x, dt, A, B, C, D, bias, z=z, initial_state=h0)
+    y_ref, final_ref = selective_scan_ref(x, dt, A, B, C, D, bias, z=z, initial_state=h0)
+    assert (y - y_ref).abs().max() < 1e-3 * (1 + y_ref.abs().max())
+    assert (final - final_ref).abs().max() < 1e-3 * (1 + final_ref.abs().max())
+
+
+@cuda
+@pytest.mark.parametrize("length", [1, 2, 3, 4, 9])
+def test_triton_conv_with_state_at_short_lengths(length):
+    from mambabyte.ops.triton_conv import causal_conv1d_triton
+
+    g = torch.Generator().manual_seed(length)
+    x = torch.randn(2, length, 64, generator=g)
+    weight, bias, state = torch.randn(64, 1, 4, generator=g), torch.randn(64, generator=g), torch.randn(2, 64, 3, generator=g)
+    out_ref, next_ref = causal_conv1d(x, weight, bias, state)  # CPU: the PyTorch path
+    out, next_state = causal_conv1d_triton(x.cuda(), weight.cuda(), bias.cuda(), state.cuda())
+    assert (out.cpu() - out_ref).abs().max() < 1e-4
+    assert (next_state.cpu() - next_ref).abs().max() < 1e-6
+
+
+@cuda
+def test_triton_step_equals_torch_step():
+    from mambabyte.ops.triton_step import selective_step_triton
+
+    x, dt, A, B, C, D, bias, z, h0 = _inputs(3, 1, 1536, 16, "cuda")
+    args = (x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], D, bias, z[:, 0], h0)
+    y, h = selective_step_triton(*args)
+    y_ref, h_ref = selective_step_torch(*args)
+    assert (y - y_ref).abs().max() < 1e-4 * (1 + y_ref.abs().max())
+    assert (h - h_ref).abs().max() < 1e-4 * (1 + h_ref.abs().max())
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_model_split_forward_and_step_on_cuda(dtype):
+    torch.manual_seed(0)
+    model = build_model(MambaByteConfig(d_model=256, n_layer=4)).cuda().eval().to(dtype)
+    ids = torch.randint(0, 256, (1, 40), device="cuda")
+    tolerance = 1e-3 if dtype == torch.float32 else 0.15
+    with torch.no_grad():
+        whole = model(ids)
+        state, parts, start = model.init_state(1), [], 0
+        for n in (5, 1, 2, 1, 3, 28):
+            logits, state = model(ids[:, start:start + n], state=state, return_state=True)
+            parts.append(logits)
+            start += n
+        assert (torch.cat(parts, 1) - whole).abs().max() < tolerance
+        logits, state = model(ids[:, :10], state=model.init_state(1), return_state=True)
+        for t in range(10, 20):
+            out, state = model.step(ids[:, t], state)
+            assert (out - whole[:, t]).abs().max() < tolerance, t
