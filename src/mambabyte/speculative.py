@@ -69,6 +69,7 @@ class SpeculativeDecoder:
         self.probs = probs
         self.generator = generator
         self.stats = SpeculativeStats()
+        self._healing: dict[bytes, Tensor] = {}
 
     def _choose(self, logits: Tensor) -> int:
         if self.probs is None:
@@ -87,22 +88,42 @@ class SpeculativeDecoder:
         residual[byte] = 0
         return False, int(torch.multinomial(residual / residual.sum(), 1, generator=self.generator))
 
-    def _draft(self, state, logits: Tensor):
-        """Greedy subword tokens from the drafter, and its state before each one and after the last."""
-        tokens, states = [], [state]
-        for _ in range(self.draft_len):
-            token = int(logits.argmax())
+    def _continuations(self, pending: bytes) -> Tensor:
+        """Ids of the tokens whose bytes start with ``pending`` (token healing), cached."""
+        if pending not in self._healing:
+            ids = [i for i, token in enumerate(self.tokenizer.token_bytes) if token.startswith(pending)]
+            self._healing[pending] = torch.tensor(ids, device=next(self.drafter.parameters()).device)
+        return self._healing[pending]
+
+    def _draft(self, state, logits: Tensor, pending: bytes):
+        """Greedy subword tokens from the drafter, its state and logits before each one, and the new bytes.
+
+        The first token must start with ``pending`` (bytes already written but not yet read by the drafter),
+        so the drafter never has to continue from inside a token.
+        """
+        tokens, states, all_logits = [], [state], [logits]
+        while len(tokens) < self.draft_len or len(self.tokenizer.decode(tokens)) <= len(pending):
+            if tokens:
+                token = int(logits.argmax())
+            else:
+                allowed = self._continuations(pending)
+                token = int(allowed[logits[allowed].argmax()])
             logits, state = self.drafter.step(torch.tensor([token], device=logits.device), state)
             logits = logits[0]
             tokens.append(token)
             states.append(state)
-        return tokens, states
+            all_logits.append(logits)
+        return tokens, states, all_logits, self.tokenizer.decode(tokens)[len(pending):]
 
-    def _drafter_read(self, data: bytes, state):
+    def _drafter_read(self, data: bytes, state, logits: Tensor | None):
+        """Reads all of ``data`` but its last token, which stays pending: (logits, state, pending bytes)."""
         ids = self.tokenizer.encode(data)
-        device = next(self.drafter.parameters()).device
-        logits, state = self.drafter(_ids(ids, device), state=state, return_state=True)
-        return logits[0, -1], state
+        read, pending = (ids[:-1], self.tokenizer.token_bytes[ids[-1]]) if logits is not None or len(ids) > 1 else (ids, b"")
+        if read:
+            device = next(self.drafter.parameters()).device
+            all_logits, state = self.drafter(_ids(read, device), state=state, return_state=True)
+            logits = all_logits[0, -1]
+        return logits, state, pending
 
     @torch.no_grad()
     def stream(self, context: bytes, max_bytes: int) -> Iterator[bytes]:
@@ -110,12 +131,11 @@ class SpeculativeDecoder:
         device = next(self.byte_model.parameters()).device
         logits, byte_state = self.byte_model(_ids(context, device), state=self.byte_model.init_state(1), return_state=True)
         byte_logits = logits[0, -1]
-        draft_logits, draft_state = self._drafter_read(context, self.drafter.init_state(1))
+        draft_logits, draft_state, pending = self._drafter_read(context, self.drafter.init_state(1), None)
         self.stats.byte_model_calls += 1
         produced = 0
         while produced < max_bytes:
-            tokens, draft_states = self._draft(draft_state, draft_logits)
-            piece = self.tokenizer.decode(tokens)
+            tokens, draft_states, draft_all_logits, piece = self._draft(draft_state, draft_logits, pending)
             verify, verified_state = self.byte_model(_ids(piece, device), state=byte_state, return_state=True)
             self.stats.byte_model_calls += 1
             predictions = torch.cat([byte_logits[None], verify[0]], dim=0)  # the verifier's view before each byte
@@ -142,13 +162,14 @@ class SpeculativeDecoder:
             produced += len(new)
             self.stats.generated_bytes += len(new)
             yield new
-            # the drafter keeps the whole tokens it got right and re-reads the rest
-            whole, length = 0, 0
-            while whole < len(tokens) and length + len(self.tokenizer.token_bytes[tokens[whole]]) <= kept:
-                length += len(self.tokenizer.token_bytes[tokens[whole]])
-                whole += 1
-            if produced < max_bytes:
-                draft_logits, draft_state = self._drafter_read(piece[length:kept] + bytes([next_byte]), draft_states[whole])
+            if produced < max_bytes:  # the drafter keeps the whole tokens it got right and re-reads the rest
+                text, written = pending + piece, len(pending) + kept
+                whole, length = 0, 0
+                while whole < len(tokens) and length + len(self.tokenizer.token_bytes[tokens[whole]]) <= written:
+                    length += len(self.tokenizer.token_bytes[tokens[whole]])
+                    whole += 1
+                draft_logits, draft_state, pending = self._drafter_read(
+                    text[length:written] + bytes([next_byte]), draft_states[whole], draft_all_logits[whole])
 
     def generate(self, context: bytes, max_bytes: int) -> bytes:
         """``stream`` joined."""
