@@ -77,3 +77,18 @@ def test_unknown_command_exits_2():
     with pytest.raises(SystemExit) as exited:
         main(["no-such-command"])
     assert exited.value.code == 2
+
+
+def test_info_for_every_architecture():
+    import json
+    import subprocess
+    import sys
+
+    counts = {}
+    for arch in ("mambabyte", "transformer", "megabyte"):
+        done = subprocess.run([sys.executable, "-m", "mambabyte.cli", "info", "--preset", "small", "--arch", arch, "--json"],
+                              capture_output=True, text=True, check=True)
+        summary = json.loads(done.stdout)
+        assert summary["arch"] == arch and summary["flops_per_byte_train"] == 3 * summary["flops_per_byte_forward"]
+        counts[arch] = summary["parameters"]
+    assert all(abs(n / counts["mambabyte"] - 1) < 0.15 for n in counts.values())  # presets matched in size
