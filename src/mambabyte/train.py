@@ -517,6 +517,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         save(checkpoint_dir, with_training_state=True, valid_bpb=valid_bpb)
     plot = plot_loss_curve(log_path, out / PLOT_FILE) if is_main else None
     if world > 1:
+        dist.barrier()  # leave together: a rank tearing down gloo while its peer still plots can abort
         dist.destroy_process_group()
     return TrainResult(step=step, bytes_seen=bytes_seen, elapsed=elapsed, train_loss=train_loss,
                        valid_bits_per_byte=valid_bpb, best_valid_bits_per_byte=best_valid,
