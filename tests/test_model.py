@@ -46,6 +46,19 @@ def test_split_forward_with_state_equals_whole(tiny_model, split):
 
 
 @torch.no_grad()
+def test_forward_states_keeps_the_state_after_every_position(tiny_model):
+    ids = random_ids(2, LENGTH, seed=2)
+    split = 4
+    _, state = tiny_model(ids[:, :split], return_state=True)
+    logits, states = tiny_model.forward_states(ids[:, split:], state)
+    torch.testing.assert_close(logits, tiny_model(ids)[:, split:], atol=1e-5, rtol=1e-5)
+    for position in range(LENGTH - split):
+        _, expected = tiny_model(ids[:, : split + position + 1], return_state=True)
+        tree_map(lambda a, b: torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5),
+                 tiny_model.state_at(states, position), expected)
+
+
+@torch.no_grad()
 def test_state_size_does_not_grow(tiny_model):
     _, short = tiny_model(random_ids(1, 3), return_state=True)
     _, long = tiny_model(random_ids(1, 300), return_state=True)

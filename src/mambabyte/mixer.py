@@ -77,6 +77,26 @@ class MambaMixer(nn.Module):
         y, ssm_state = selective_step(x, dt, A, B, C, self.D, self.dt_proj.bias, z, state.ssm)
         return self.out_proj(y), LayerState(conv_state, ssm_state)
 
+    def forward_states(self, hidden: Tensor, state: LayerState) -> tuple[Tensor, LayerState]:
+        """Like ``forward`` from ``state``, but keeps the state after every position (for speculative decoding).
+
+        hidden (batch, length, d_model) -> (out (batch, length, d_model), LayerState with a length dim:
+        conv (batch, length, d_inner, d_conv - 1), ssm (batch, length, d_inner, d_state)). Meant for short spans.
+        """
+        x, z = self.in_proj(hidden).chunk(2, dim=-1)
+        window = torch.cat([state.conv.to(x.dtype), x.transpose(1, 2)], dim=-1)  # (batch, d_inner, K-1 + length)
+        conv_states = window.unfold(2, self.config.d_conv - 1, 1)[:, :, 1:].transpose(1, 2)
+        x, _ = causal_conv1d(x, self.conv1d.weight, self.conv1d.bias, state.conv)
+        x = F.silu(x)
+        dt, B, C = self._ssm_inputs(x)
+        A = -torch.exp(self.A_log.float())
+        ssm, ys, ssm_states = state.ssm, [], []
+        for t in range(x.shape[1]):
+            y, ssm = selective_step(x[:, t], dt[:, t], A, B[:, t], C[:, t], self.D, self.dt_proj.bias, z[:, t], ssm)
+            ys.append(y)
+            ssm_states.append(ssm)
+        return self.out_proj(torch.stack(ys, 1)), LayerState(conv_states.to(state.conv.dtype), torch.stack(ssm_states, 1))
+
     def init_state(self, batch: int, device=None, dtype=torch.float32) -> LayerState:
         c = self.config
         return LayerState(

@@ -50,6 +50,10 @@ class MambaBlock(nn.Module):
         out, state = self.mixer.step(self.norm(hidden), state)
         return hidden + out.float(), state
 
+    def forward_states(self, hidden: Tensor, state: LayerState):
+        out, states = self.mixer.forward_states(self.norm(hidden), state)
+        return hidden + out.float(), states
+
 
 class MambaByteLM(nn.Module):
     def __init__(self, config: MambaByteConfig):
@@ -95,6 +99,24 @@ class MambaByteLM(nn.Module):
             hidden, layer_state = layer.step(hidden, layer_state)
             new_state.append(layer_state)
         return self.head(hidden).float(), new_state
+
+    def forward_states(self, ids: Tensor, state: list[LayerState]) -> tuple[Tensor, list[LayerState]]:
+        """ids (batch, length) read from ``state`` -> (logits (batch, length, 256), the state after every position).
+
+        Each LayerState of the result has a length dim after the batch dim; ``state_at`` picks one position.
+        Speculative decoding verifies a draft with one call and rolls back to any accepted position.
+        """
+        hidden = self.embedding(ids).float()
+        states = []
+        for layer, layer_state in zip(self.layers, state):
+            hidden, layer_states = layer.forward_states(hidden, layer_state)
+            states.append(layer_states)
+        return self.head(hidden).float(), states
+
+    @staticmethod
+    def state_at(states: list[LayerState], position: int) -> list[LayerState]:
+        """The state after ``position`` from ``forward_states``' result (a view: clone it to keep it)."""
+        return [LayerState(s.conv[:, position], s.ssm[:, position]) for s in states]
 
     def init_state(self, batch: int, device=None, dtype=None) -> list[LayerState]:
         """The empty state: zeros, one (conv, ssm) pair per layer."""
