@@ -78,3 +78,28 @@ def test_model_split_forward_and_step_on_cuda(dtype):
         for t in range(10, 20):
             out, state = model.step(ids[:, t], state)
             assert (out - whole[:, t]).abs().max() < tolerance, t
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_forward_states_on_cuda_matches_cpu_and_equals_stepping(dtype):
+    """The fused block kernels (ops.triton_decode) behind step/forward_states: close to the PyTorch path on the
+    CPU, and a span gives bit for bit what stepping through it gives (speculative greedy == plain greedy)."""
+    torch.manual_seed(0)
+    model = build_model(MambaByteConfig(d_model=256, n_layer=3)).eval().to(dtype)
+    ids = torch.randint(0, 256, (2, 30))
+    with torch.no_grad():
+        _, state = model(ids[:, :20], return_state=True)
+        logits_cpu, states_cpu = model.forward_states(ids[:, 20:], state)
+        model.cuda()
+        state = [type(s)(s.conv.cuda(), s.ssm.cuda()) for s in state]
+        logits, states = model.forward_states(ids[:, 20:].cuda(), state)
+        tolerance = 1e-3 if dtype == torch.float32 else 0.15
+        assert (logits.cpu() - logits_cpu).abs().max() < tolerance
+        for got, want in zip(states, states_cpu):
+            assert (got.ssm.cpu() - want.ssm).abs().max() < tolerance * (1 + want.ssm.abs().max())
+        for t in range(10):
+            step_logits, state = model.step(ids[:, 20 + t].cuda(), state)
+            assert torch.equal(step_logits, logits[:, t]), t
+            for got, want in zip(state, model.state_at(states, t)):
+                assert torch.equal(got.conv, want.conv) and torch.equal(got.ssm, want.ssm), t

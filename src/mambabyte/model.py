@@ -15,6 +15,15 @@ from torch import Tensor, nn
 from mambabyte.config import MambaByteConfig
 from mambabyte.mixer import LayerState, MambaMixer
 from mambabyte.ops import cpu_kernels
+from mambabyte.ops.dispatch import TRITON_RUNS
+
+
+def fused_span_applies(hidden: Tensor) -> bool:
+    """True where a block's decoding step / short span runs as the fused Triton kernels of ops.triton_decode."""
+    return hidden.is_cuda and TRITON_RUNS and not torch.is_grad_enabled()
+
+
+MAX_FUSED_HEAD_ROWS = 1024  # the fused norm + head kernel is for decoding; long sequences go to cuBLAS
 
 
 class RMSNorm(nn.Module):
@@ -40,7 +49,19 @@ class MambaBlock(nn.Module):
         out, state = self.mixer(self.norm(hidden), state, reset)
         return hidden + out.float(), state
 
+    def _span_triton(self, hidden: Tensor, state: LayerState, keep_states: bool) -> tuple[Tensor, LayerState]:
+        from mambabyte.ops.triton_decode import block_span
+
+        m = self.mixer
+        hidden, conv_state, ssm_state = block_span(
+            hidden, self.norm.weight, self.norm.eps, m.in_proj.weight, m.conv1d.weight, m.conv1d.bias, m.x_proj.weight,
+            m.dt_proj.weight, m.dt_proj.bias, m.A_log, m.D, m.out_proj.weight, state.conv, state.ssm, keep_states)
+        return hidden, LayerState(conv_state, ssm_state)
+
     def step(self, hidden: Tensor, state: LayerState):
+        if fused_span_applies(hidden):  # CUDA decoding: the block in four kernels
+            hidden, state = self._span_triton(hidden[:, None], state, keep_states=False)
+            return hidden[:, 0], state
         m = self.mixer
         if cpu_kernels.block_step_applies(hidden, m.in_proj.weight, state.conv):  # CPU decoding: the block in one call
             hidden, conv_state, ssm_state = cpu_kernels.block_step_cpu(
@@ -51,6 +72,8 @@ class MambaBlock(nn.Module):
         return hidden + out.float(), state
 
     def forward_states(self, hidden: Tensor, state: LayerState):
+        if fused_span_applies(hidden):
+            return self._span_triton(hidden, state, keep_states=True)
         out, states = self.mixer.forward_states(self.norm(hidden), state)
         return hidden + out.float(), states
 
@@ -74,6 +97,10 @@ class MambaByteLM(nn.Module):
 
     def head(self, hidden: Tensor) -> Tensor:
         """Final norm and the byte head, tied to the embedding."""
+        if fused_span_applies(hidden) and hidden.numel() <= MAX_FUSED_HEAD_ROWS * hidden.shape[-1]:
+            from mambabyte.ops.triton_decode import norm_linear
+
+            return norm_linear(hidden, self.norm_f.weight, self.norm_f.eps, self.embedding.weight)
         normed = self.norm_f(hidden)
         return normed @ self.embedding.weight.t().to(normed.dtype)
 

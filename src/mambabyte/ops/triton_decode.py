@@ -1,0 +1,245 @@
+"""A whole Mamba block for a few positions (decoding, draft verification) in four Triton kernels.
+
+Decoding one byte through PyTorch ops launches ~30 small kernels per layer; at batch 1 the launches, not
+the GPU, set the speed. Here a block is:
+
+1. ``norm_linear``: RMSNorm and in_proj (the same kernel is the model's final norm and byte head);
+2. ``_conv_x_proj_kernel``: the causal conv over the carried window, SiLU, and x_proj, with the channels
+   split over programs whose partial x_proj sums the next kernel adds;
+3. ``_scan_kernel``: dt_proj, softplus, the selective-scan update, C . h, the D skip and the SiLU(z) gate,
+   walking the positions of the span with the state on chip;
+4. ``_out_proj_kernel``: out_proj and the residual add.
+
+Rows are (batch, position) pairs and every row's arithmetic is the same whatever the batch or span length,
+so reading a span here gives bit for bit what stepping through it one position at a time gives: speculative
+decoding's verification agrees exactly with plain decoding. Conv inputs are rounded to the conv state's
+dtype before use, as they are when they come back from the state.
+
+Runs on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (how CI tests it).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from mambabyte.ops.triton_scan import interpreting, sigmoid, softplus, total
+
+BLOCK_M = 16  # rows per program: tl.dot's smallest tile; decoding one row wastes the rest, the weights dominate
+CONFIG = dict(in_block_n=32, out_block_n=16, block_k=64, conv_splits=8, scan_block_d=64)
+
+
+def _precision(weight: Tensor) -> str:
+    """How tl.dot multiplies: fp32 weights get full-precision products (no TF32), as PyTorch's matmul gives
+    them; "upcast" does bf16 products in fp32, which is exact, for the interpreter (its bf16 tl.dot is wrong)."""
+    if interpreting() and weight.dtype != torch.float32:
+        return "upcast"
+    return "ieee" if weight.dtype == torch.float32 else "tf32"
+
+
+@triton.jit
+def _dot(a, w, PRECISION: tl.constexpr):
+    """a @ w with fp32 accumulation; a is cast to w's dtype first."""
+    if PRECISION == "upcast":
+        return tl.dot(a.to(tl.float32), w.to(tl.float32), input_precision="ieee")
+    return tl.dot(a.to(w.dtype), w, input_precision=PRECISION)
+
+
+@triton.jit
+def _norm_linear_kernel(h_ptr, norm_ptr, w_ptr, out_ptr, M, K, N, eps,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        PRECISION: tl.constexpr):
+    """out (M, N) fp32 = (rms_norm(h) in the weights' dtype * norm) @ w.T; h (M, K) fp32, w (N, K)."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = rows < M
+    mask_n = cols < N
+    squares = tl.full((BLOCK_M,), 0.0, tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        mask = mask_m[:, None] & (ks < K)[None, :]
+        v = tl.load(h_ptr + rows[:, None] * K + ks[None, :], mask=mask, other=0.0)
+        squares += total(v * v, axis=1)
+    rstd = 1.0 / tl.sqrt(squares / K + eps)
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        mask_k = ks < K
+        v = tl.load(h_ptr + rows[:, None] * K + ks[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        scale = tl.load(norm_ptr + ks, mask=mask_k, other=0.0)
+        # RMSNorm as the model computes it: normalised in fp32, rounded to the weights' dtype, times the weight
+        a = ((v * rstd[:, None]).to(scale.dtype).to(tl.float32) * scale.to(tl.float32)[None, :]).to(scale.dtype)
+        w = tl.load(w_ptr + cols[None, :] * K + ks[:, None], mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        acc += _dot(a, w, PRECISION)
+    tl.store(out_ptr + rows[:, None] * N + cols[None, :], acc, mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _conv_x_proj_kernel(xz_ptr, conv_state_ptr, conv_w_ptr, conv_b_ptr, wx_ptr, xc_ptr, parts_ptr, conv_out_ptr,
+                        M, span, d_inner, n_out, per_split,
+                        KCONV: tl.constexpr, KEEP_STATES: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr):
+    """Conv + SiLU of this program's channels for BLOCK_M rows, and their share of x_proj (partial sums)."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    split = tl.program_id(1)
+    mask_m = rows < M
+    b = rows // span
+    t = rows % span
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_r = offs_r < n_out
+    # where each row's conv state goes: per position, or once per sequence after its last position
+    state_rows = rows if KEEP_STATES else b
+    writes_state = mask_m if KEEP_STATES else mask_m & (t == span - 1)
+    acc = tl.full((BLOCK_M, BLOCK_R), 0.0, tl.float32)
+    c_end = tl.minimum(split * per_split + per_split, d_inner)
+    for c0 in range(split * per_split, c_end, BLOCK_K):
+        cols = c0 + tl.arange(0, BLOCK_K)
+        mask_c = cols < c_end
+        mask = mask_m[:, None] & mask_c[None, :]
+        out = tl.full((BLOCK_M, BLOCK_K), 0.0, tl.float32) + tl.load(conv_b_ptr + cols, mask=mask_c, other=0.0)[None, :]
+        for j in tl.static_range(KCONV):
+            # tap j reads position t - (KCONV-1) + j: from this span's in_proj output, or from the carried window
+            from_span = (t + j >= KCONV - 1)[:, None]
+            fresh = tl.load(xz_ptr + (rows + j - (KCONV - 1))[:, None] * (2 * d_inner) + cols[None, :],
+                            mask=mask & from_span, other=0.0)
+            carried = tl.load(conv_state_ptr + (b[:, None] * d_inner + cols[None, :]) * (KCONV - 1) + (t + j)[:, None],
+                              mask=mask & ~from_span, other=0.0)
+            v = tl.where(from_span, fresh.to(carried.dtype), carried)
+            out += v.to(tl.float32) * tl.load(conv_w_ptr + cols * KCONV + j, mask=mask_c, other=0.0)[None, :]
+            if j > 0:
+                tl.store(conv_out_ptr + (state_rows[:, None] * d_inner + cols[None, :]) * (KCONV - 1) + (j - 1), v,
+                         mask=writes_state[:, None] & mask_c[None, :])
+        x = out * sigmoid(out)
+        tl.store(xc_ptr + rows[:, None] * d_inner + cols[None, :], x, mask=mask)
+        w = tl.load(wx_ptr + offs_r[None, :] * d_inner + cols[:, None], mask=mask_c[:, None] & mask_r[None, :], other=0.0)
+        acc += _dot(x, w, PRECISION)
+    tl.store(parts_ptr + (split * M + rows[:, None]) * n_out + offs_r[None, :], acc, mask=mask_m[:, None] & mask_r[None, :])
+
+
+@triton.jit
+def _scan_kernel(xz_ptr, xc_ptr, parts_ptr, wdt_ptr, dt_bias_ptr, A_log_ptr, D_ptr, ssm_ptr, y_ptr, ssm_out_ptr,
+                 M, span, d_inner, dt_rank, d_state, n_out, n_splits,
+                 KEEP_STATES: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dt_proj, softplus, the state update, readout, D skip and gate for BLOCK_D channels of one sequence."""
+    b = tl.program_id(0)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_d = offs_d < d_inner
+    mask_r = offs_r < dt_rank
+    mask_n = offs_n < d_state
+    mask_dn = mask_d[:, None] & mask_n[None, :]
+    dn = offs_d[:, None] * d_state + offs_n[None, :]
+    w_dt = tl.load(wdt_ptr + offs_d[:, None] * dt_rank + offs_r[None, :], mask=mask_d[:, None] & mask_r[None, :],
+                   other=0.0).to(tl.float32)
+    A = -tl.exp(tl.load(A_log_ptr + dn, mask=mask_dn, other=0.0))
+    Dskip = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    dt_bias = tl.load(dt_bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    h = tl.load(ssm_ptr + b * d_inner * d_state + dn, mask=mask_dn, other=0.0)
+    for t in range(0, span):
+        m = b * span + t
+        dt_low = tl.full((BLOCK_R,), 0.0, tl.float32)
+        Bt = tl.full((BLOCK_N,), 0.0, tl.float32)
+        Ct = tl.full((BLOCK_N,), 0.0, tl.float32)
+        for s in range(0, n_splits):
+            part = parts_ptr + (s * M + m) * n_out
+            dt_low += tl.load(part + offs_r, mask=mask_r, other=0.0)
+            Bt += tl.load(part + dt_rank + offs_n, mask=mask_n, other=0.0)
+            Ct += tl.load(part + dt_rank + d_state + offs_n, mask=mask_n, other=0.0)
+        delta = softplus(total(w_dt * dt_low[None, :], axis=1) + dt_bias)
+        x = tl.load(xc_ptr + m * d_inner + offs_d, mask=mask_d, other=0.0)
+        z = tl.load(xz_ptr + m * 2 * d_inner + d_inner + offs_d, mask=mask_d, other=0.0)
+        h = tl.exp(delta[:, None] * A) * h + (delta * x)[:, None] * Bt[None, :]
+        y = (total(h * Ct[None, :], axis=1) + Dskip * x) * z * sigmoid(z)
+        tl.store(y_ptr + m * d_inner + offs_d, y, mask=mask_d)
+        if KEEP_STATES:
+            tl.store(ssm_out_ptr + m * d_inner * d_state + dn, h, mask=mask_dn)
+    if not KEEP_STATES:
+        tl.store(ssm_out_ptr + b * d_inner * d_state + dn, h, mask=mask_dn)
+
+
+@triton.jit
+def _out_proj_kernel(y_ptr, w_ptr, h_ptr, out_ptr, M, K, N,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    """out (M, N) fp32 = h + y @ w.T; y (M, K) in the weights' dtype, h (M, N) fp32."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = rows < M
+    mask_n = cols < N
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        mask_k = ks < K
+        a = tl.load(y_ptr + rows[:, None] * K + ks[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        w = tl.load(w_ptr + cols[None, :] * K + ks[:, None], mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        acc += _dot(a, w, PRECISION)
+    mask = mask_m[:, None] & mask_n[None, :]
+    residual = tl.load(h_ptr + rows[:, None] * N + cols[None, :], mask=mask, other=0.0)
+    tl.store(out_ptr + rows[:, None] * N + cols[None, :], residual + acc, mask=mask)
+
+
+def _blocks(n: int) -> int:
+    return max(16, triton.next_power_of_2(n))
+
+
+def norm_linear(hidden: Tensor, norm_weight: Tensor, eps: float, weight: Tensor) -> Tensor:
+    """hidden (..., K) fp32 -> (rms_norm(hidden) * norm_weight) @ weight.T (..., N) fp32; weight (N, K)."""
+    rows = hidden.reshape(-1, hidden.shape[-1]).float().contiguous()
+    (M, K), N = rows.shape, weight.shape[0]
+    out = torch.empty(M, N, device=hidden.device, dtype=torch.float32)
+    block_n = CONFIG["in_block_n"]
+    grid = (triton.cdiv(M, BLOCK_M), triton.cdiv(N, block_n))
+    _norm_linear_kernel[grid](rows, norm_weight.to(weight.dtype), weight.contiguous(), out, M, K, N, eps,
+                              BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_K=CONFIG["block_k"],
+                              PRECISION=_precision(weight), num_warps=4)
+    return out.reshape(*hidden.shape[:-1], N)
+
+
+def block_span(hidden: Tensor, norm_weight: Tensor, eps: float, in_proj_weight: Tensor, conv_weight: Tensor,
+               conv_bias: Tensor, x_proj_weight: Tensor, dt_proj_weight: Tensor, dt_bias: Tensor, A_log: Tensor,
+               D: Tensor, out_proj_weight: Tensor, conv_state: Tensor, ssm_state: Tensor, keep_states: bool = False,
+               ) -> tuple[Tensor, Tensor, Tensor]:
+    """A pre-norm block over a short span from a state: hidden (batch, span, d_model) fp32 ->
+    (hidden + mixer(norm(hidden)), conv state, ssm state), no autograd.
+
+    The states are those after the last position, or with ``keep_states`` after every position:
+    conv (batch, span, d_inner, d_conv - 1), ssm (batch, span, d_inner, d_state) fp32.
+    """
+    batch, span, d_model = hidden.shape
+    d_inner, kernel = D.shape[0], conv_weight.shape[-1]
+    dt_rank, d_state = dt_proj_weight.shape[1], A_log.shape[1]
+    n_out = x_proj_weight.shape[0]
+    M = batch * span
+    rows = hidden.reshape(M, d_model).float().contiguous()
+    xz = norm_linear(rows, norm_weight, eps, in_proj_weight)
+    dtype = in_proj_weight.dtype
+    block_k = CONFIG["block_k"]
+    chunks = triton.cdiv(d_inner, block_k)
+    splits = min(CONFIG["conv_splits"], chunks)
+    per_split = triton.cdiv(chunks, splits) * block_k
+    splits = triton.cdiv(d_inner, per_split)
+    states_shape = (batch, span) if keep_states else (batch,)
+    conv_out = torch.empty(*states_shape, d_inner, kernel - 1, device=hidden.device, dtype=conv_state.dtype)
+    ssm_out = torch.empty(*states_shape, d_inner, d_state, device=hidden.device, dtype=torch.float32)
+    xc = torch.empty(M, d_inner, device=hidden.device, dtype=torch.float32)
+    parts = torch.empty(splits, M, n_out, device=hidden.device, dtype=torch.float32)
+    _conv_x_proj_kernel[(triton.cdiv(M, BLOCK_M), splits)](
+        xz, conv_state.contiguous(), conv_weight.reshape(d_inner, kernel).float().contiguous(), conv_bias.float(),
+        x_proj_weight.contiguous(), xc, parts, conv_out, M, span, d_inner, n_out, per_split,
+        KCONV=kernel, KEEP_STATES=keep_states, BLOCK_M=BLOCK_M, BLOCK_K=block_k, BLOCK_R=_blocks(n_out),
+        PRECISION=_precision(x_proj_weight), num_warps=4)
+    y = torch.empty(M, d_inner, device=hidden.device, dtype=dtype)
+    block_d = 4 if interpreting() else CONFIG["scan_block_d"]
+    _scan_kernel[(batch, triton.cdiv(d_inner, block_d))](
+        xz, xc, parts, dt_proj_weight.contiguous(), dt_bias.float(), A_log.float().contiguous(), D.float(),
+        ssm_state.float().contiguous(), y, ssm_out, M, span, d_inner, dt_rank, d_state, n_out, splits,
+        KEEP_STATES=keep_states, BLOCK_D=block_d, BLOCK_R=_blocks(dt_rank),
+        BLOCK_N=max(2, triton.next_power_of_2(d_state)), num_warps=4)
+    out = torch.empty_like(rows)
+    block_n = CONFIG["out_block_n"]
+    _out_proj_kernel[(triton.cdiv(M, BLOCK_M), triton.cdiv(d_model, block_n))](
+        y, out_proj_weight.contiguous(), rows, out, M, d_inner, d_model,
+        BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k, PRECISION=_precision(out_proj_weight), num_warps=4)
+    return out.reshape(batch, span, d_model), conv_out, ssm_out
