@@ -17,7 +17,6 @@ import time
 
 import torch
 import torch.nn.functional as F
-from torch.utils._pytree import tree_leaves
 
 from mambabyte.architectures import build_model, presets_for
 from mambabyte.ops import causal_conv1d, triton_scan
@@ -209,6 +208,20 @@ def training_rate(arch: str, batch: int, length: int, steps: int = 6) -> tuple[f
         torch.cuda.empty_cache()
 
 
+def sweep_segments() -> None:
+    """Training and prefill bytes/s for a few channel-tile and segment policies of the scan (ops.triton_scan)."""
+    kept = dict(triton_scan.CONFIG)
+    print("| min_block_d | min_segment | segment_programs_per_sm | B16 x L2048 | B4 x L8192 | prefill 8192 |")
+    print("|---|---|---|---|---|---|")
+    for min_block_d, min_segment, per_sm in ((8, 256, 16), (32, 128, 8), (32, 128, 16), (32, 128, 32), (32, 64, 32)):
+        triton_scan.CONFIG.update(min_block_d=min_block_d, min_segment=min_segment, segment_programs_per_sm=per_sm)
+        rates = [training_rate("mambabyte", batch, length, steps=4)[0] for batch, length in TRAIN_SHAPES]
+        prefill = inference_rates(decode=False)["prefill bytes/s, batch 1, 8192 bytes"]
+        print(f"| {min_block_d} | {min_segment} | {per_sm} | {rates[0]:,.0f} | {rates[1]:,.0f} | {prefill:,.0f} |",
+              flush=True)
+    triton_scan.CONFIG.update(kept)
+
+
 def profile_training_step(batch: int = 16, length: int = 2048) -> None:
     """The CUDA kernels that take the most time in one bench-91m training step (after two warm-up steps)."""
     model = build_model(presets_for("mambabyte")["bench-91m"]).to(DEVICE)
@@ -239,10 +252,7 @@ def decode_rate(model, batch: int, steps: int) -> float:
     ids = torch.randint(0, 256, (batch,), device=DEVICE)
 
     def one_byte():
-        logits, new_state = model.step(ids, state)
-        for old, new in zip(tree_leaves(state), tree_leaves(new_state)):
-            old.copy_(new)
-        ids.copy_(logits.argmax(-1))
+        ids.copy_(model.step_(ids, state).argmax(-1))  # the next state is written over ``state``
 
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -262,15 +272,16 @@ def decode_rate(model, batch: int, steps: int) -> float:
     return batch * steps / (time.perf_counter() - start)
 
 
-def inference_rates() -> dict[str, float]:
-    """Decoding (batch 1 and 64) and prefill (batch 1, 8192 bytes) bytes/s of bench-91m, bf16 autocast."""
+def inference_rates(decode: bool = True) -> dict[str, float]:
+    """Decoding (batch 1 and 64) and prefill (batch 1, 8192 bytes) bytes/s of bench-91m in bf16 (as mamba_ssm's
+    figures: bf16 weights, fp32 SSM state)."""
     torch.manual_seed(0)
-    model = build_model(presets_for("mambabyte")["bench-91m"]).to(DEVICE).eval()
+    model = build_model(presets_for("mambabyte")["bench-91m"]).to(DEVICE, torch.bfloat16).eval()
     rates = {}
-    # one autocast region around capture and replays: the bf16 weight copies it caches stay alive for the graph
-    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-        rates["decode bytes/s, batch 1"] = decode_rate(model, 1, 500)
-        rates["decode bytes/s, batch 64"] = decode_rate(model, 64, 200)
+    with torch.no_grad():
+        if decode:
+            rates["decode bytes/s, batch 1"] = decode_rate(model, 1, 500)
+            rates["decode bytes/s, batch 64"] = decode_rate(model, 64, 200)
         ids = torch.randint(0, 256, (1, 8192), device=DEVICE)
         model(ids, return_state=True)
         rates["prefill bytes/s, batch 1, 8192 bytes"] = 8192 / (median_ms(lambda: model(ids, return_state=True), 5) / 1e3)
@@ -282,8 +293,16 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="time alternative scan tile sizes and keep the best")
     parser.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one training step")
     parser.add_argument("--skip-chunked", action="store_true", help="skip the pure-PyTorch backend's training rows")
+    parser.add_argument("--inference-only", action="store_true", help="only the decoding and prefill rows")
+    parser.add_argument("--sweep-segments", action="store_true", help="only compare segment policies of the scan")
     args = parser.parse_args()
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton_scan.triton.__version__}\n")
+    if args.sweep_segments:
+        return sweep_segments()
+    if args.inference_only:
+        for name, rate in inference_rates().items():
+            print(f"| {name} | {rate:,.0f} | {MAMBA_SSM[name][0]:,} | {MAMBA_SSM[name][1]} |")
+        return
     if not check_kernels():
         print("KERNEL CHECK FAILED")
     try:

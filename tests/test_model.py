@@ -29,6 +29,17 @@ def test_step_equals_forward(tiny_model):
 
 
 @torch.no_grad()
+def test_step_in_place_equals_step(tiny_model):
+    ids = random_ids(3, 4, seed=3)
+    state = tiny_model.init_state(3)
+    buffers = tiny_model.init_state(3)
+    for t in range(ids.shape[1]):
+        logits, state = tiny_model.step(ids[:, t], state)
+        torch.testing.assert_close(tiny_model.step_(ids[:, t], buffers), logits)
+    tree_map(torch.testing.assert_close, buffers, state)
+
+
+@torch.no_grad()
 def test_forward_from_init_state_equals_forward_without_state(tiny_model):
     ids = random_ids(2, LENGTH)
     torch.testing.assert_close(tiny_model(ids, state=tiny_model.init_state(2)), tiny_model(ids))

@@ -1,12 +1,26 @@
+import math
+
 import pytest
 import torch
 
+from mambabyte.architectures import build_model, presets_for
 from mambabyte.config import MambaByteConfig, preset
+from mambabyte.errors import UserError
+from mambabyte.generate import Sampling
 from mambabyte.model import MambaByteLM
-from mambabyte.speculative import SpeculativeDecoder
+from mambabyte.speculative import SpeculativeDecoder, speculative_stream
 from mambabyte.subword import SubwordTokenizer
 
 TEXT = [("the cat sat on the mat. the dog sat on the log. " * 20 + f"doc {i} ünïcödé").encode() for i in range(20)]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matrices: extra threads only add synchronisation (and this machine is shared)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -23,90 +37,172 @@ def models(tokenizer):
 
 
 def plain_greedy(model, context: bytes, n: int) -> bytes:
-    logits, state = model(torch.tensor([list(context)]), state=model.init_state(1), return_state=True)
-    last, out = logits[0, -1], []
-    for _ in range(n):
-        byte = int(last.argmax())
-        out.append(byte)
-        logits, state = model.step(torch.tensor([byte]), state)
-        last = logits[0]
+    with torch.no_grad():
+        logits, state = model(torch.tensor([list(context)]), state=model.init_state(1), return_state=True)
+        last, out = logits[0, -1], []
+        for _ in range(n):
+            byte = int(last.argmax())
+            out.append(byte)
+            logits, state = model.step(torch.tensor([byte]), state)
+            last = logits[0]
     return bytes(out)
 
 
-@pytest.mark.parametrize("draft_len", [1, 3, 6])
-@pytest.mark.parametrize("prompt", [b"", b"the cat", b"\xff\xfe broken utf8", "東京".encode()])
+class ScriptedDrafter(torch.nn.Module):
+    """Drafts ``script`` (the bytes after a 1-byte context) one single-byte token at a time, whatever was written."""
+
+    def __init__(self, tokenizer, script: bytes):
+        super().__init__()
+        self.tokenizer, self.script = tokenizer, script
+        self.single = {t[0]: i for i, t in enumerate(tokenizer.token_bytes) if len(t) == 1}
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+    def init_state(self, batch):
+        return 0  # the state: how many bytes were read
+
+    def forward(self, ids, state=None, return_state=False):
+        seen = state + len(self.tokenizer.decode(ids[0].tolist()))
+        return self._logits(seen, ids.shape[1]), seen
+
+    def step(self, ids, state):
+        seen = state + len(self.tokenizer.decode(ids.tolist()))
+        return self._logits(seen, 1)[:, -1], seen
+
+    def _logits(self, seen, length):
+        logits = torch.zeros(1, length, self.tokenizer.vocab_size)
+        generated = seen - 1
+        if generated < len(self.script):
+            logits[0, -1, self.single[self.script[generated]]] = 1.0
+        return logits
+
+
+def check_round_stats(stats, max_bytes):
+    """Every round is one byte-model call and writes the bytes it kept plus one."""
+    assert stats.generated_bytes == max_bytes
+    assert stats.byte_model_calls == stats.rounds
+    assert stats.generated_bytes == stats.accepted_bytes + stats.rounds
+    assert stats.bytes_per_call == pytest.approx(1 + stats.accepted_bytes / stats.rounds)
+
+
+@pytest.mark.parametrize("draft_len", [1, 2, 3, 6])
+@pytest.mark.parametrize("prompt", [b"", b"the cat", b"the dog sat on the l", b"\xff\xfe bad utf8", "東京".encode()])
 def test_greedy_equals_plain_greedy(models, tokenizer, draft_len, prompt):
     byte_model, drafter = models
     context = b"\x00" + prompt
     decoder = SpeculativeDecoder(byte_model, drafter, tokenizer, draft_len=draft_len)
-    with torch.no_grad():
-        expected = plain_greedy(byte_model, context, 40)
-    assert decoder.generate(context, 40) == expected
-    assert decoder.stats.generated_bytes == 40
-    assert decoder.stats.byte_model_calls >= 2
+    assert decoder.generate(context, 40) == plain_greedy(byte_model, context, 40)
+    check_round_stats(decoder.stats, 40)
+
+
+@pytest.mark.parametrize("draft_len", [2, 3, 4, 6])
+def test_greedy_rolls_back_to_every_accepted_position(models, tokenizer, draft_len):
+    """A drafter right most of the time: rounds end at every position of the draft, output still exact."""
+    byte_model, _ = models
+    target = plain_greedy(byte_model, b"\x00", 80)
+    script = bytes(b ^ 1 if i % 7 == 3 or i % 11 == 5 else b for i, b in enumerate(target))
+    decoder = SpeculativeDecoder(byte_model, ScriptedDrafter(tokenizer, script), tokenizer, draft_len=draft_len)
+    assert decoder.generate(b"\x00", 80) == target
+    check_round_stats(decoder.stats, 80)
+    assert 0.3 < decoder.stats.acceptance_rate < 1
+
+
+@pytest.mark.parametrize("max_bytes", [0, 1, 2, 7])
+def test_max_bytes_is_exact(models, tokenizer, max_bytes):
+    byte_model, drafter = models
+    decoder = SpeculativeDecoder(byte_model, drafter, tokenizer, draft_len=3)
+    assert decoder.generate(b"\x00the", max_bytes) == plain_greedy(byte_model, b"\x00the", max_bytes)
+    assert decoder.stats.byte_model_calls == decoder.stats.rounds
 
 
 def test_accepts_everything_when_drafter_agrees(tokenizer):
-    """A byte model that always predicts the drafted text accepts whole drafts: more than one byte per call."""
+    """A drafter that drafts the byte model's own greedy text: every round is one call that keeps the whole draft."""
     torch.manual_seed(1)
     byte_model = MambaByteLM(preset("tiny")).eval()
-    drafter = MambaByteLM(MambaByteConfig(d_model=16, n_layer=1, d_state=4, vocab_size=tokenizer.vocab_size)).eval()
-    with torch.no_grad():
-        target = plain_greedy(byte_model, b"\x00", 60)
-        single = {tokenizer.token_bytes[i][0]: i for i in range(tokenizer.vocab_size) if len(tokenizer.token_bytes[i]) == 1}
-
-    class Oracle(torch.nn.Module):
-        """Drafts the byte model's greedy continuation, one single-byte token at a time."""
-
-        def __init__(self):
-            super().__init__()
-            self.dummy = torch.nn.Parameter(torch.zeros(1))
-
-        def init_state(self, batch):
-            return 0  # the state: how many bytes were read
-
-        def forward(self, ids, state=None, return_state=False):
-            seen = state + len(tokenizer.decode(ids[0].tolist()))
-            return self._logits(seen, ids.shape[1]), seen
-
-        def step(self, ids, state):
-            seen = state + len(tokenizer.decode(ids.tolist()))
-            return self._logits(seen, 1)[:, -1], seen
-
-        def _logits(self, seen, length):
-            logits = torch.zeros(1, length, tokenizer.vocab_size)
-            generated = seen - 1  # bytes after the 1-byte context
-            if generated < len(target):
-                logits[0, -1, single[target[generated]]] = 1.0
-            return logits
-
-    decoder = SpeculativeDecoder(byte_model, Oracle(), tokenizer, draft_len=5)
+    target = plain_greedy(byte_model, b"\x00", 60)
+    decoder = SpeculativeDecoder(byte_model, ScriptedDrafter(tokenizer, target), tokenizer, draft_len=5)
     assert decoder.generate(b"\x00", 60) == target
     assert decoder.stats.acceptance_rate == 1.0
-    # draft_len 5 tokens of one byte, the first of them the pending byte: 4 new + 1 bonus per 2 calls
-    assert decoder.stats.bytes_per_call > 2.3
+    check_round_stats(decoder.stats, 60)
+    # 5 one-byte tokens, the first of them the pending byte: 4 drafted bytes kept + 1 per call (the first round: 5 + 1)
+    assert decoder.stats.bytes_per_call == 5
 
 
-def test_sampling_follows_the_byte_model_distribution(tokenizer, models):
-    """Speculative sampling of the first byte matches the byte model's own distribution (chi-square)."""
-    byte_model, drafter = models
-    temperature = 0.5
-    probs = lambda logits: torch.softmax(logits / temperature, dim=-1)  # noqa: E731
-    context = b"\x00the "
-    with torch.no_grad():
-        p = probs(byte_model(torch.tensor([list(context)]))[0, -1])
-    counts = torch.zeros(256)
-    gen = torch.Generator().manual_seed(0)
-    n = 1500
-    for _ in range(n):
-        decoder = SpeculativeDecoder(byte_model, drafter, tokenizer, draft_len=2, probs=probs, generator=gen)
-        counts[decoder.generate(context, 1)[0]] += 1
+def chi_square(counts: torch.Tensor, p: torch.Tensor) -> tuple[float, int]:
+    """Pearson's statistic of counts against probabilities p (cells expecting < 5 pooled) and its degrees of freedom."""
+    n = float(counts.sum())
     keep = p * n >= 5
     expected = torch.cat([p[keep] * n, (p[~keep].sum() * n)[None]])
     observed = torch.cat([counts[keep], counts[~keep].sum()[None]])
-    chi2 = float(((observed - expected) ** 2 / expected.clamp(min=1e-9)).sum())
-    dof = int(keep.sum())
-    assert chi2 < dof + 5 * (2 * dof) ** 0.5  # far beyond this would mean a biased sampler
+    nonzero = expected > 0
+    chi2 = float(((observed - expected)[nonzero] ** 2 / expected[nonzero]).sum())
+    assert float(observed[~nonzero].sum()) == 0, "outcomes of probability 0 happened"
+    return chi2, int(nonzero.sum()) - 1
+
+
+def far_beyond(chi2: float, dof: int) -> bool:
+    return chi2 > dof + 5 * math.sqrt(2 * dof)
+
+
+def test_verification_rule_samples_the_byte_model_distribution(models, tokenizer):
+    """The sequence written by one round (kept bytes + the next) has the byte model's joint distribution."""
+    byte_model, drafter = models
+    p = torch.zeros(4, 256)
+    p[0, [97, 98, 99]] = torch.tensor([0.5, 0.3, 0.2])   # drafted 97
+    p[1, [100, 101]] = torch.tensor([0.6, 0.4])          # drafted 100
+    p[2, [104]] = 1.0                                    # drafted 104, all the mass: always kept
+    p[3, [102, 103]] = torch.tensor([0.7, 0.3])          # the bonus byte
+    outcomes = {b"b": 0.3, b"c": 0.2, b"ae": 0.5 * 0.4, b"adhf": 0.5 * 0.6 * 0.7, b"adhg": 0.5 * 0.6 * 0.3}
+    decoder = SpeculativeDecoder(byte_model, drafter, tokenizer, probs=torch.exp,
+                                 generator=torch.Generator().manual_seed(0))
+    counts = dict.fromkeys(outcomes, 0)
+    for _ in range(3000):
+        kept, byte = decoder._verify(p.log(), b"adh")
+        written = b"adh"[:kept] + bytes([byte])
+        assert written in counts, written
+        counts[written] += 1
+    observed = torch.tensor(list(counts.values()), dtype=torch.float)
+    chi2, dof = chi_square(observed, torch.tensor(list(outcomes.values())))
+    assert dof == 4 and not far_beyond(chi2, dof)
+    never = torch.zeros(2, 256)
+    never[:, 5] = 1.0
+    assert decoder._verify(never.log(), b"a") == (0, 5)  # a drafted byte of probability 0 is never kept
+
+
+def test_sampling_follows_the_byte_model_distribution(tokenizer, models):
+    """End to end: the first byte written follows the byte model's distribution after top-k and temperature,
+    with a drafter that proposes the likeliest byte (often kept) and one that proposes noise (rejected)."""
+    byte_model, random_drafter = models
+    rules = Sampling(temperature=0.5, top_k=6)
+    context = b"\x00the "
+    with torch.no_grad():
+        p = rules.probs(byte_model(torch.tensor([list(context)]))[:, -1])[0]
+    likeliest = ScriptedDrafter(tokenizer, b"????" + bytes([int(p.argmax())]) * 8)  # after "the ": the likeliest byte
+    for drafter in (likeliest, random_drafter):
+        decoder = SpeculativeDecoder(byte_model, drafter, tokenizer, draft_len=2, probs=rules.probs,
+                                     generator=torch.Generator().manual_seed(0))
+        counts = torch.zeros(256)
+        for _ in range(1000):
+            counts[decoder.generate(context, 2)[0]] += 1
+        chi2, dof = chi_square(counts, p)
+        assert dof == 5 and not far_beyond(chi2, dof)
+        if drafter is likeliest:
+            assert 0.1 < decoder.stats.acceptance_rate < 0.9, decoder.stats  # both paths taken
+
+
+@pytest.mark.parametrize("arch", ["transformer", "megabyte"])
+def test_refuses_byte_models_without_per_position_states(tokenizer, models, arch):
+    _, drafter = models
+    byte_model = build_model(presets_for(arch)["tiny"]).eval()
+    with pytest.raises(UserError, match=arch):
+        b"".join(speculative_stream(byte_model, drafter, tokenizer, b"the", 8, temperature=0))
+
+
+def test_stop_strings_end_the_output(models, tokenizer):
+    byte_model, drafter = models
+    expected = plain_greedy(byte_model, b"\x00the", 40)
+    stop = expected[10:13]
+    out = b"".join(speculative_stream(byte_model, drafter, tokenizer, b"the", 40, temperature=0, stop=[stop]))
+    assert out == expected[: expected.index(stop)]
 
 
 def test_cli_draft_equals_plain_greedy(models, tokenizer, tmp_path):

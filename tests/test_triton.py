@@ -1,5 +1,6 @@
 """The Triton kernels against the references, in Triton's CPU interpreter (tiny shapes: it is slow)."""
 
+import functools
 import os
 
 os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: kernels defined from here on run on the CPU
@@ -15,7 +16,7 @@ from mambabyte.ops.causal_conv import causal_conv1d  # noqa: E402
 from mambabyte.ops.dispatch import selective_step_torch  # noqa: E402
 from mambabyte.ops.selective_scan import selective_scan_ref  # noqa: E402
 from mambabyte.ops.triton_conv import causal_conv1d_triton  # noqa: E402
-from mambabyte.ops.triton_scan import selective_scan_triton  # noqa: E402
+from mambabyte.ops.triton_scan import CONFIG, _segment_length, selective_scan_triton  # noqa: E402
 from mambabyte.ops.triton_step import selective_step_triton  # noqa: E402
 
 CASES = [  # (batch, length, d_inner, d_state): lengths around the interpreter's chunk of 8, channels past a tile of 4
@@ -25,9 +26,9 @@ CASES = [  # (batch, length, d_inner, d_state): lengths around the interpreter's
 ]
 
 
-def check_matches_reference(inputs, reset, dtype):
+def check_matches_reference(inputs, reset, dtype, scan=selective_scan_triton):
     """Outputs, final state and every gradient of the Triton scan against the sequential reference."""
-    y, final, grads = run_scan(selective_scan_triton, inputs, reset)
+    y, final, grads = run_scan(scan, inputs, reset)
     y_ref, final_ref, grads_ref = run_scan(selective_scan_ref, inputs, reset)
     assert y.dtype == inputs["x"].dtype and final.dtype == torch.float32
     assert_close_scaled(y, y_ref, dtype, "y")
@@ -62,6 +63,69 @@ def test_scan_reads_strided_views():
     y_expected, final_expected = selective_scan_triton(**inputs)
     torch.testing.assert_close(y, y_expected)
     torch.testing.assert_close(final, final_expected)
+
+
+def boundary_resets(batch, length, seg_len):
+    """Documents starting exactly where segments start (row 0, also at position 0) or nowhere (row 1)."""
+    reset = torch.zeros(batch, length, dtype=torch.bool)
+    reset[0, ::seg_len] = True
+    reset[1:] = False
+    return reset
+
+
+SEGMENTED_CASES = [  # (segments, dtype, with_state, resets): 13 positions cut 3 ways (7+6, 5+5+3, 4+4+4+1)
+    (2, torch.float32, False, "none"),
+    (3, torch.float32, True, "random"),
+    (4, torch.float32, True, "boundaries"),
+    (3, torch.bfloat16, True, "boundaries"),
+    (4, torch.bfloat16, False, "random"),
+]
+
+
+@pytest.mark.parametrize(("segments", "dtype", "with_state", "resets"), SEGMENTED_CASES)
+def test_segmented_scan_matches_reference(segments, dtype, with_state, resets):
+    """Sequence segments run in parallel and joined by their carries: outputs, final state, every gradient."""
+    inputs, reset = scan_inputs(2, 13, 6, 3, dtype, seed=segments, with_state=with_state,
+                                reset_rate=0.2 if resets == "random" else 0.0)
+    if resets == "boundaries":
+        reset = boundary_resets(2, 13, -(-13 // segments))
+    check_matches_reference(inputs, reset, dtype, functools.partial(selective_scan_triton, segments=segments))
+
+
+def test_segmented_scan_reads_strided_views():
+    """x and z as halves of one (batch, length, 2 * d_inner) tensor; segments longer than a chunk of states."""
+    def scan_strided(x, z, **rest):
+        x_view, z_view = torch.cat([x, z], dim=-1).chunk(2, dim=-1)
+        assert x_view.stride() == (x.shape[1] * 2 * x.shape[2], 2 * x.shape[2], 1)
+        return selective_scan_triton(x_view, z=z_view, segments=2, **rest)
+
+    inputs, reset = scan_inputs(1, 35, 5, 4, torch.float32, seed=11, reset_rate=0.1)
+    check_matches_reference(inputs, reset, torch.float32, scan_strided)
+
+
+def test_segmented_scan_without_grad():
+    """The prefill path: no autograd, nothing saved."""
+    inputs, reset = scan_inputs(2, 13, 6, 3, torch.float32, seed=3, reset_rate=0.2)
+    with torch.no_grad():
+        y, final = selective_scan_triton(**inputs, reset=reset, segments=4)
+    y_ref, final_ref = selective_scan_ref(**inputs, reset=reset)
+    assert_close_scaled(y, y_ref, torch.float32, "y")
+    assert_close_scaled(final, final_ref, torch.float32, "final state")
+
+
+@pytest.mark.parametrize("length", [100, 511, 512, 5000, 8192])
+@pytest.mark.parametrize("programs", [48, 192, 5000])
+def test_segment_policy(length, programs):
+    """Segments only when the GPU is short of programs, never shorter than min_segment, whole chunks."""
+    multiprocessors, block_t = 132, 16
+    wanted = CONFIG["segment_programs_per_sm"] * multiprocessors
+    seg_len = _segment_length(length, programs, multiprocessors, block_t)
+    n_segs = -(-length // seg_len)
+    if programs >= wanted or length < 2 * CONFIG["min_segment"]:
+        assert seg_len == length
+    else:
+        assert n_segs > 1 and seg_len % block_t == 0 and seg_len >= CONFIG["min_segment"]
+        assert programs * n_segs >= wanted or length // (2 * n_segs) < CONFIG["min_segment"]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

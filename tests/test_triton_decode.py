@@ -73,3 +73,14 @@ def test_norm_linear_is_the_head(tiny_model, dtype):
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
     assert out.shape == expected.shape
     assert (out - expected).abs().max() < tolerance * (1 + expected.abs().max())
+
+
+@torch.no_grad()
+def test_in_place_writes_the_next_state_over_the_current_one(block):
+    state = random_state(block, 2, torch.float32, seed=6)
+    hidden = torch.randn(2, 1, block.norm.weight.shape[0], generator=torch.Generator().manual_seed(7))
+    expected = triton_decode.block_span(hidden, *block_weights(block), state.conv, state.ssm)
+    out, conv, ssm = triton_decode.block_span(hidden, *block_weights(block), state.conv, state.ssm, in_place=True)
+    assert conv is state.conv and ssm is state.ssm
+    for got, want in zip((out, conv, ssm), expected):
+        assert torch.equal(got, want)

@@ -262,6 +262,9 @@ class Decoder:
     def _step(self, in_place: bool) -> None:
         chosen = self._choose()
         self.chosen.copy_(chosen)
+        if in_place and hasattr(self.model, "step_"):  # the model writes its next state over the buffers itself
+            self.logits.copy_(self.model.step_(chosen, self.state))
+            return
         logits, state = self.model.step(chosen, self.state)
         if in_place:
             self.logits.copy_(logits)

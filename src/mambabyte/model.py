@@ -49,14 +49,25 @@ class MambaBlock(nn.Module):
         out, state = self.mixer(self.norm(hidden), state, reset)
         return hidden + out.float(), state
 
-    def _span_triton(self, hidden: Tensor, state: LayerState, keep_states: bool) -> tuple[Tensor, LayerState]:
+    def _span_triton(self, hidden: Tensor, state: LayerState, keep_states: bool = False, in_place: bool = False,
+                     ) -> tuple[Tensor, LayerState]:
         from mambabyte.ops.triton_decode import block_span
 
         m = self.mixer
         hidden, conv_state, ssm_state = block_span(
             hidden, self.norm.weight, self.norm.eps, m.in_proj.weight, m.conv1d.weight, m.conv1d.bias, m.x_proj.weight,
-            m.dt_proj.weight, m.dt_proj.bias, m.A_log, m.D, m.out_proj.weight, state.conv, state.ssm, keep_states)
+            m.dt_proj.weight, m.dt_proj.bias, m.A_log, m.D, m.out_proj.weight, state.conv, state.ssm, keep_states,
+            in_place)
         return hidden, LayerState(conv_state, ssm_state)
+
+    def step_(self, hidden: Tensor, state: LayerState) -> Tensor:
+        """``step`` that writes the next state over ``state`` and returns the new hidden."""
+        if fused_span_applies(hidden) and state.conv.is_contiguous() and state.ssm.is_contiguous():
+            return self._span_triton(hidden[:, None], state, in_place=True)[0][:, 0]
+        hidden, new_state = self.step(hidden, state)
+        for buffer, value in zip(state, new_state):
+            buffer.copy_(value)
+        return hidden
 
     def step(self, hidden: Tensor, state: LayerState):
         if fused_span_applies(hidden):  # CUDA decoding: the block in four kernels
@@ -126,6 +137,13 @@ class MambaByteLM(nn.Module):
             hidden, layer_state = layer.step(hidden, layer_state)
             new_state.append(layer_state)
         return self.head(hidden).float(), new_state
+
+    def step_(self, ids: Tensor, state: list[LayerState]) -> Tensor:
+        """``step`` that writes the next state over ``state`` (a decoding loop's fixed buffers): logits only."""
+        hidden = self.embedding(ids).float()
+        for layer, layer_state in zip(self.layers, state):
+            hidden = layer.step_(hidden, layer_state)
+        return self.head(hidden).float()
 
     def forward_states(self, ids: Tensor, state: list[LayerState]) -> tuple[Tensor, list[LayerState]]:
         """ids (batch, length) read from ``state`` -> (logits (batch, length, 256), the state after every position).

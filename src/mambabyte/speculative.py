@@ -1,19 +1,19 @@
 """Speculative decoding across vocabularies: a subword model drafts, the byte model verifies.
 
-One round:
-1. the drafter proposes ``draft_len`` subword tokens greedily from its state, i.e. a string of bytes d;
-2. the byte model reads d in one parallel forward from its current state, giving its prediction for
-   every position of d and one past it;
-3. the longest prefix the byte model agrees with is kept, and the byte model supplies the next byte
-   (its correction where they part, or a bonus byte when all of d was accepted);
-4. both models resynchronise: the byte model re-reads the kept bytes from the saved state (or steps the
-   bonus byte), the drafter rolls back to its state after the last whole token it got right and reads
-   the re-tokenised tail.
+The byte model has read everything written except the last byte, ``carry``. One round:
+1. the drafter proposes ``draft_len`` subword tokens greedily from its state: new bytes d;
+2. the byte model reads ``carry`` + d in ONE call (``forward_states``) from its state, giving its prediction
+   for every byte of d and one past it, and its state after every position;
+3. the longest prefix of d it agrees with is kept and it supplies the byte after it (its correction where
+   they part, or a bonus byte when all of d was kept): the next ``carry``, read at the next round;
+4. the byte model rolls back to its state after the kept prefix (``state_at``, nothing re-read); the
+   drafter rolls back to its state after the last whole token it got right and reads the re-tokenised tail.
 
-Greedy decoding gives exactly the byte model's greedy output. With sampling, a drafted byte x is kept
-with probability p(x) (the byte model's probability, after temperature/top-k/top-p), and on rejection
-the byte is drawn from p with x removed and renormalised: since the draft does not depend on the
-verifier's coins, this is speculative sampling with a point-mass proposal and the output follows p.
+A round costs one byte-model call and one transfer from the device for the verdict, and yields the kept
+bytes plus one. Greedy decoding gives exactly the byte model's greedy output. With sampling, a drafted
+byte x is kept with probability p(x) (the byte model's probability, after temperature/top-k/top-p/min-p),
+and on rejection the byte is drawn from p with x removed and renormalised: since the draft does not depend
+on the verifier's coins, this is speculative sampling with a point-mass proposal and the output follows p.
 """
 
 from __future__ import annotations
@@ -35,6 +35,8 @@ from mambabyte.subword import TOKENIZER_FILE, SubwordTokenizer
 
 @dataclass
 class SpeculativeStats:
+    """What decoding did. ``byte_model_calls``: calls while decoding (one per round), the prompt's read not counted."""
+
     rounds: int = 0
     drafted_bytes: int = 0
     accepted_bytes: int = 0
@@ -57,11 +59,16 @@ def _ids(data: bytes | list[int], device) -> Tensor:
 class SpeculativeDecoder:
     """Generates with ``byte_model`` (vocab 256) while ``drafter`` (vocab of ``tokenizer``) proposes.
 
-    ``probs``: maps byte logits (256,) to the sampling distribution; None means greedy decoding.
+    ``probs``: maps byte logits (rows, 256) to the sampling distributions (rows, 256); None means greedy.
+    The byte model must keep its state after every position of a span (``forward_states``, ``state_at``).
     """
 
     def __init__(self, byte_model, drafter, tokenizer: SubwordTokenizer, draft_len: int = 4,
                  probs: Callable[[Tensor], Tensor] | None = None, generator: torch.Generator | None = None):
+        if not hasattr(byte_model, "forward_states"):
+            arch = getattr(getattr(byte_model, "config", None), "arch", type(byte_model).__name__)
+            raise UserError(f"speculative decoding needs a MambaByte byte model (state after every position); "
+                            f"{arch} has none")
         self.byte_model = byte_model
         self.drafter = drafter
         self.tokenizer = tokenizer
@@ -69,50 +76,56 @@ class SpeculativeDecoder:
         self.probs = probs
         self.generator = generator
         self.stats = SpeculativeStats()
+        self.device = next(byte_model.parameters()).device
+        self.drafter_device = next(drafter.parameters()).device
         self._healing: dict[bytes, Tensor] = {}
 
-    def _choose(self, logits: Tensor) -> int:
-        if self.probs is None:
-            return int(logits.argmax())
-        return int(torch.multinomial(self.probs(logits), 1, generator=self.generator))
+    def _verify(self, logits: Tensor, piece: bytes) -> tuple[int, int]:
+        """logits (len(piece) + 1, 256): the byte model's view before each drafted byte and past the last.
 
-    def _accepts(self, logits: Tensor, byte: int) -> tuple[bool, int | None]:
-        """Whether the verifier keeps a drafted byte; if not, the byte it puts there instead."""
+        -> (how many bytes of ``piece`` it keeps, the byte it writes after them); one transfer from the device.
+        """
         if self.probs is None:
-            best = int(logits.argmax())
-            return best == byte, best
+            best = logits.argmax(-1).tolist()
+            kept = next((i for i, (byte, drafted) in enumerate(zip(best, piece)) if byte != drafted), len(piece))
+            return kept, best[kept]
         p = self.probs(logits)
-        if torch.rand((), generator=self.generator, device=p.device) < p[byte]:
-            return True, None
-        residual = p.clone()
-        residual[byte] = 0
-        return False, int(torch.multinomial(residual / residual.sum(), 1, generator=self.generator))
+        rows = torch.arange(len(piece), device=p.device)
+        drafted = torch.tensor(list(piece), dtype=torch.long, device=p.device)
+        coins = torch.rand(len(piece), generator=self.generator, device=p.device)
+        accepted = coins < p[rows, drafted]
+        residual = p.index_put((rows, drafted), torch.zeros((), dtype=p.dtype, device=p.device))  # the last row stays p
+        residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p)  # x had all the mass: always kept
+        replacements = torch.multinomial(residual, 1, generator=self.generator)[:, 0]
+        verdict = torch.cat([accepted.long(), replacements]).tolist()
+        kept = next((i for i in range(len(piece)) if not verdict[i]), len(piece))
+        return kept, verdict[len(piece) + kept]
 
     def _continuations(self, pending: bytes) -> Tensor:
-        """Ids of the tokens whose bytes start with ``pending`` (token healing), cached."""
+        """Mask (vocab,) of the tokens whose bytes start with ``pending`` (token healing), cached."""
         if pending not in self._healing:
-            ids = [i for i, token in enumerate(self.tokenizer.token_bytes) if token.startswith(pending)]
-            self._healing[pending] = torch.tensor(ids, device=next(self.drafter.parameters()).device)
+            allowed = [token.startswith(pending) for token in self.tokenizer.token_bytes]
+            self._healing[pending] = torch.tensor(allowed, device=self.drafter_device)
         return self._healing[pending]
 
     def _draft(self, state, logits: Tensor, pending: bytes):
-        """Greedy subword tokens from the drafter, its state and logits before each one, and the new bytes.
+        """``draft_len`` greedy subword tokens, the drafter's state and logits before each one (and after the last),
+        and the new bytes. Tokens are chosen on the device and transferred once, at the end.
 
         The first token must start with ``pending`` (bytes already written but not yet read by the drafter),
         so the drafter never has to continue from inside a token.
         """
-        tokens, states, all_logits = [], [state], [logits]
-        while len(tokens) < self.draft_len or len(self.tokenizer.decode(tokens)) <= len(pending):
-            if tokens:
-                token = int(logits.argmax())
-            else:
-                allowed = self._continuations(pending)
-                token = int(allowed[logits[allowed].argmax()])
-            logits, state = self.drafter.step(torch.tensor([token], device=logits.device), state)
-            logits = logits[0]
+        states, all_logits, tokens = [state], [logits], []
+        token = logits.masked_fill(~self._continuations(pending), -torch.inf).argmax()
+        for index in range(self.draft_len):
+            if index:
+                token = logits.argmax()
+            step_logits, state = self.drafter.step(token.view(1), state)
+            logits = step_logits[0]
             tokens.append(token)
             states.append(state)
             all_logits.append(logits)
+        tokens = torch.stack(tokens).tolist()
         return tokens, states, all_logits, self.tokenizer.decode(tokens)[len(pending):]
 
     def _drafter_read(self, data: bytes, state, logits: Tensor | None):
@@ -120,56 +133,50 @@ class SpeculativeDecoder:
         ids = self.tokenizer.encode(data)
         read, pending = (ids[:-1], self.tokenizer.token_bytes[ids[-1]]) if logits is not None or len(ids) > 1 else (ids, b"")
         if read:
-            device = next(self.drafter.parameters()).device
-            all_logits, state = self.drafter(_ids(read, device), state=state, return_state=True)
+            all_logits, state = self.drafter(_ids(read, self.drafter_device), state=state, return_state=True)
             logits = all_logits[0, -1]
         return logits, state, pending
+
+    def _drafter_resync(self, tokens: list[int], states: list, all_logits: list[Tensor], text: bytes, agreed: int):
+        """After a round: the drafter keeps its whole tokens within the first ``agreed`` bytes of ``text`` and reads
+        the rest of ``text`` (see ``_drafter_read``).
+
+        ``text``: the pending bytes, then the round's new bytes; the first ``agreed`` are the drafter's own.
+        """
+        whole, length = 0, 0
+        while whole < len(tokens) and length + len(self.tokenizer.token_bytes[tokens[whole]]) <= agreed:
+            length += len(self.tokenizer.token_bytes[tokens[whole]])
+            whole += 1
+        return self._drafter_read(text[length:], states[whole], all_logits[whole])
 
     @torch.no_grad()
     def stream(self, context: bytes, max_bytes: int) -> Iterator[bytes]:
         """Continues ``context`` (the document-start separator plus the prompt); yields each round's bytes."""
-        device = next(self.byte_model.parameters()).device
-        logits, byte_state = self.byte_model(_ids(context, device), state=self.byte_model.init_state(1), return_state=True)
-        byte_logits = logits[0, -1]
+        if not context:
+            raise UserError("speculative decoding needs a context: a document separator or a prompt")
+        byte_state = self.byte_model.init_state(1)
+        if len(context) > 1:
+            _, byte_state = self.byte_model(_ids(context[:-1], self.device), state=byte_state, return_state=True)
+        carry = context[-1]  # written, not yet read by the byte model
         draft_logits, draft_state, pending = self._drafter_read(context, self.drafter.init_state(1), None)
-        self.stats.byte_model_calls += 1
         produced = 0
         while produced < max_bytes:
             tokens, draft_states, draft_all_logits, piece = self._draft(draft_state, draft_logits, pending)
-            verify, verified_state = self.byte_model(_ids(piece, device), state=byte_state, return_state=True)
-            self.stats.byte_model_calls += 1
-            predictions = torch.cat([byte_logits[None], verify[0]], dim=0)  # the verifier's view before each byte
-            kept, next_byte = 0, None
-            while kept < len(piece):
-                ok, replacement = self._accepts(predictions[kept], piece[kept])
-                if not ok:
-                    next_byte = replacement
-                    break
-                kept += 1
+            piece = piece[: max_bytes - produced - 1]  # the round adds one byte of its own
+            logits, states = self.byte_model.forward_states(_ids(bytes([carry]) + piece, self.device), byte_state)
+            kept, carry = self._verify(logits[0], piece)
+            byte_state = self.byte_model.state_at(states, kept)  # after the old carry and the kept bytes
+            new = piece[:kept] + bytes([carry])
+            produced += len(new)
             self.stats.rounds += 1
+            self.stats.byte_model_calls += 1
             self.stats.drafted_bytes += len(piece)
             self.stats.accepted_bytes += kept
-            if next_byte is None:  # everything accepted: the verifier adds a bonus byte
-                next_byte = self._choose(predictions[-1])
-                step_logits, byte_state = self.byte_model.step(torch.tensor([next_byte], device=device), verified_state)
-                byte_logits = step_logits[0]
-            else:
-                logits, byte_state = self.byte_model(_ids(piece[:kept] + bytes([next_byte]), device),
-                                                     state=byte_state, return_state=True)
-                byte_logits = logits[0, -1]
-            self.stats.byte_model_calls += 1
-            new = (piece[:kept] + bytes([next_byte]))[: max_bytes - produced]
-            produced += len(new)
             self.stats.generated_bytes += len(new)
             yield new
-            if produced < max_bytes:  # the drafter keeps the whole tokens it got right and re-reads the rest
-                text, written = pending + piece, len(pending) + kept
-                whole, length = 0, 0
-                while whole < len(tokens) and length + len(self.tokenizer.token_bytes[tokens[whole]]) <= written:
-                    length += len(self.tokenizer.token_bytes[tokens[whole]])
-                    whole += 1
-                draft_logits, draft_state, pending = self._drafter_read(
-                    text[length:written] + bytes([next_byte]), draft_states[whole], draft_all_logits[whole])
+            if produced < max_bytes:
+                draft_logits, draft_state, pending = self._drafter_resync(
+                    tokens, draft_states, draft_all_logits, pending + new, len(pending) + kept)
 
     def generate(self, context: bytes, max_bytes: int) -> bytes:
         """``stream`` joined."""
@@ -204,7 +211,7 @@ def speculative_stream(byte_model: nn.Module, drafter: nn.Module, tokenizer: Sub
     if max_bytes < 0:
         raise UserError(f"--max-bytes must be >= 0, got {max_bytes}")
     generator = torch.Generator(device=next(byte_model.parameters()).device).manual_seed(seed)
-    probs = None if rules.greedy else (lambda logits: rules.probs(logits[None])[0])
+    probs = None if rules.greedy else rules.probs
     decoder = SpeculativeDecoder(byte_model, drafter, tokenizer, draft_len, probs, generator)
     if stats is not None:
         decoder.stats = stats

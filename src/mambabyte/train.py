@@ -167,6 +167,17 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW over ``parameter_groups`` with the run's settings (the fused kernel on CUDA)."""
+    return torch.optim.AdamW(parameter_groups(model, cfg.weight_decay), lr=cfg.lr,
+                             betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
+
+
+def mixed_precision(device: torch.device) -> contextlib.AbstractContextManager:
+    """fp32 weights; bf16 matmuls on GPUs (autocast), full fp32 on CPUs."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def load_data(cfg: TrainConfig) -> tuple[ByteCorpus, ByteCorpus | None]:
     """(training corpus, held-out corpus or None)."""
     corpus = load_corpus(cfg.data, text_field=cfg.text_field)
@@ -401,10 +412,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     raw_model = model
     model = _wrap(model, cfg, device, world)
     eval_model = model if cfg.fsdp else raw_model  # FSDP shards in place; DDP's wrapper is not needed to evaluate
-    optimizer = torch.optim.AdamW(parameter_groups(model, cfg.weight_decay), lr=cfg.lr,
-                                  betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-                else contextlib.nullcontext())  # fp32 weights; bf16 matmuls on GPUs, full fp32 on CPUs
+    optimizer = build_optimizer(model, cfg, device)
+    autocast = mixed_precision(device)
 
     step, bytes_seen, elapsed_before, best_valid = 0, 0, 0.0, None
     if resumed is not None:

@@ -20,6 +20,8 @@ Runs on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (how CI te
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -28,7 +30,10 @@ from torch import Tensor
 from mambabyte.ops.triton_scan import interpreting, sigmoid, softplus, total
 
 BLOCK_M = 16  # rows per program: tl.dot's smallest tile; decoding one row wastes the rest, the weights dominate
-CONFIG = dict(in_block_n=32, out_block_n=16, block_k=64, conv_splits=8, scan_block_d=64)
+# GPU tiles, the fastest of benchmarks/decode_kernels.py's sweep on an H100 at bench-91m, batch 1 (batch 64 agreed
+# but for the scan's channel tile: the widest tile that still gives scan_programs_per_sm programs per SM)
+CONFIG = dict(in_block_n=32, in_block_k=128, out_block_n=16, out_block_k=512, conv_block_k=128, conv_splits=24,
+              scan_programs_per_sm=4, warps=4)
 
 
 def _precision(weight: Tensor) -> str:
@@ -98,7 +103,8 @@ def _conv_x_proj_kernel(xz_ptr, conv_state_ptr, conv_w_ptr, conv_b_ptr, wx_ptr, 
         cols = c0 + tl.arange(0, BLOCK_K)
         mask_c = cols < c_end
         mask = mask_m[:, None] & mask_c[None, :]
-        out = tl.full((BLOCK_M, BLOCK_K), 0.0, tl.float32) + tl.load(conv_b_ptr + cols, mask=mask_c, other=0.0)[None, :]
+        bias = tl.load(conv_b_ptr + cols, mask=mask_c, other=0.0).to(tl.float32)
+        out = tl.full((BLOCK_M, BLOCK_K), 0.0, tl.float32) + bias[None, :]
         for j in tl.static_range(KCONV):
             # tap j reads position t - (KCONV-1) + j: from this span's in_proj output, or from the carried window
             from_span = (t + j >= KCONV - 1)[:, None]
@@ -107,7 +113,8 @@ def _conv_x_proj_kernel(xz_ptr, conv_state_ptr, conv_w_ptr, conv_b_ptr, wx_ptr, 
             carried = tl.load(conv_state_ptr + (b[:, None] * d_inner + cols[None, :]) * (KCONV - 1) + (t + j)[:, None],
                               mask=mask & ~from_span, other=0.0)
             v = tl.where(from_span, fresh.to(carried.dtype), carried)
-            out += v.to(tl.float32) * tl.load(conv_w_ptr + cols * KCONV + j, mask=mask_c, other=0.0)[None, :]
+            tap = tl.load(conv_w_ptr + cols * KCONV + j, mask=mask_c, other=0.0).to(tl.float32)
+            out += v.to(tl.float32) * tap[None, :]
             if j > 0:
                 tl.store(conv_out_ptr + (state_rows[:, None] * d_inner + cols[None, :]) * (KCONV - 1) + (j - 1), v,
                          mask=writes_state[:, None] & mask_c[None, :])
@@ -134,7 +141,7 @@ def _scan_kernel(xz_ptr, xc_ptr, parts_ptr, wdt_ptr, dt_bias_ptr, A_log_ptr, D_p
     dn = offs_d[:, None] * d_state + offs_n[None, :]
     w_dt = tl.load(wdt_ptr + offs_d[:, None] * dt_rank + offs_r[None, :], mask=mask_d[:, None] & mask_r[None, :],
                    other=0.0).to(tl.float32)
-    A = -tl.exp(tl.load(A_log_ptr + dn, mask=mask_dn, other=0.0))
+    A = -tl.exp(tl.load(A_log_ptr + dn, mask=mask_dn, other=0.0).to(tl.float32))
     Dskip = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     dt_bias = tl.load(dt_bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     h = tl.load(ssm_ptr + b * d_inner * d_state + dn, mask=mask_dn, other=0.0)
@@ -180,6 +187,19 @@ def _out_proj_kernel(y_ptr, w_ptr, h_ptr, out_ptr, M, K, N,
     tl.store(out_ptr + rows[:, None] * N + cols[None, :], residual + acc, mask=mask)
 
 
+@functools.cache
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _scan_block_d(batch: int, d_inner: int, device: torch.device) -> int:
+    """Channels per scan program: the widest tile that keeps the GPU busy (tiny under the interpreter)."""
+    if interpreting():
+        return 4
+    wanted = CONFIG["scan_programs_per_sm"] * _multiprocessors(device)
+    return next((block for block in (128, 64, 32) if batch * triton.cdiv(d_inner, block) >= wanted), 16)
+
+
 def _blocks(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
@@ -192,20 +212,22 @@ def norm_linear(hidden: Tensor, norm_weight: Tensor, eps: float, weight: Tensor)
     block_n = CONFIG["in_block_n"]
     grid = (triton.cdiv(M, BLOCK_M), triton.cdiv(N, block_n))
     _norm_linear_kernel[grid](rows, norm_weight.to(weight.dtype), weight.contiguous(), out, M, K, N, eps,
-                              BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_K=CONFIG["block_k"],
-                              PRECISION=_precision(weight), num_warps=4)
+                              BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_K=CONFIG["in_block_k"],
+                              PRECISION=_precision(weight), num_warps=CONFIG["warps"])
     return out.reshape(*hidden.shape[:-1], N)
 
 
 def block_span(hidden: Tensor, norm_weight: Tensor, eps: float, in_proj_weight: Tensor, conv_weight: Tensor,
                conv_bias: Tensor, x_proj_weight: Tensor, dt_proj_weight: Tensor, dt_bias: Tensor, A_log: Tensor,
                D: Tensor, out_proj_weight: Tensor, conv_state: Tensor, ssm_state: Tensor, keep_states: bool = False,
-               ) -> tuple[Tensor, Tensor, Tensor]:
+               in_place: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """A pre-norm block over a short span from a state: hidden (batch, span, d_model) fp32 ->
     (hidden + mixer(norm(hidden)), conv state, ssm state), no autograd.
 
     The states are those after the last position, or with ``keep_states`` after every position:
-    conv (batch, span, d_inner, d_conv - 1), ssm (batch, span, d_inner, d_state) fp32.
+    conv (batch, span, d_inner, d_conv - 1), ssm (batch, span, d_inner, d_state) fp32. ``in_place`` writes
+    the states after the last position over ``conv_state`` and ``ssm_state`` (contiguous; each program reads
+    its part of a state before it writes it), sparing a decoding loop the copies.
     """
     batch, span, d_model = hidden.shape
     d_inner, kernel = D.shape[0], conv_weight.shape[-1]
@@ -215,31 +237,36 @@ def block_span(hidden: Tensor, norm_weight: Tensor, eps: float, in_proj_weight: 
     rows = hidden.reshape(M, d_model).float().contiguous()
     xz = norm_linear(rows, norm_weight, eps, in_proj_weight)
     dtype = in_proj_weight.dtype
-    block_k = CONFIG["block_k"]
+    block_k = CONFIG["conv_block_k"]
     chunks = triton.cdiv(d_inner, block_k)
     splits = min(CONFIG["conv_splits"], chunks)
     per_split = triton.cdiv(chunks, splits) * block_k
     splits = triton.cdiv(d_inner, per_split)
     states_shape = (batch, span) if keep_states else (batch,)
-    conv_out = torch.empty(*states_shape, d_inner, kernel - 1, device=hidden.device, dtype=conv_state.dtype)
-    ssm_out = torch.empty(*states_shape, d_inner, d_state, device=hidden.device, dtype=torch.float32)
+    if in_place:
+        if keep_states or not (conv_state.is_contiguous() and ssm_state.is_contiguous()):
+            raise ValueError("in_place needs contiguous states and keep_states=False")
+        conv_out, ssm_out = conv_state, ssm_state
+    else:
+        conv_out = torch.empty(*states_shape, d_inner, kernel - 1, device=hidden.device, dtype=conv_state.dtype)
+        ssm_out = torch.empty(*states_shape, d_inner, d_state, device=hidden.device, dtype=torch.float32)
     xc = torch.empty(M, d_inner, device=hidden.device, dtype=torch.float32)
     parts = torch.empty(splits, M, n_out, device=hidden.device, dtype=torch.float32)
     _conv_x_proj_kernel[(triton.cdiv(M, BLOCK_M), splits)](
-        xz, conv_state.contiguous(), conv_weight.reshape(d_inner, kernel).float().contiguous(), conv_bias.float(),
+        xz, conv_state.contiguous(), conv_weight.contiguous(), conv_bias,
         x_proj_weight.contiguous(), xc, parts, conv_out, M, span, d_inner, n_out, per_split,
         KCONV=kernel, KEEP_STATES=keep_states, BLOCK_M=BLOCK_M, BLOCK_K=block_k, BLOCK_R=_blocks(n_out),
-        PRECISION=_precision(x_proj_weight), num_warps=4)
+        PRECISION=_precision(x_proj_weight), num_warps=CONFIG["warps"])
     y = torch.empty(M, d_inner, device=hidden.device, dtype=dtype)
-    block_d = 4 if interpreting() else CONFIG["scan_block_d"]
+    block_d = _scan_block_d(batch, d_inner, hidden.device)
     _scan_kernel[(batch, triton.cdiv(d_inner, block_d))](
-        xz, xc, parts, dt_proj_weight.contiguous(), dt_bias.float(), A_log.float().contiguous(), D.float(),
+        xz, xc, parts, dt_proj_weight.contiguous(), dt_bias, A_log.contiguous(), D,
         ssm_state.float().contiguous(), y, ssm_out, M, span, d_inner, dt_rank, d_state, n_out, splits,
         KEEP_STATES=keep_states, BLOCK_D=block_d, BLOCK_R=_blocks(dt_rank),
         BLOCK_N=max(2, triton.next_power_of_2(d_state)), num_warps=4)
     out = torch.empty_like(rows)
     block_n = CONFIG["out_block_n"]
     _out_proj_kernel[(triton.cdiv(M, BLOCK_M), triton.cdiv(d_model, block_n))](
-        y, out_proj_weight.contiguous(), rows, out, M, d_inner, d_model,
-        BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k, PRECISION=_precision(out_proj_weight), num_warps=4)
+        y, out_proj_weight.contiguous(), rows, out, M, d_inner, d_model, BLOCK_M=BLOCK_M, BLOCK_N=block_n,
+        BLOCK_K=CONFIG["out_block_k"], PRECISION=_precision(out_proj_weight), num_warps=CONFIG["warps"])
     return out.reshape(batch, span, d_model), conv_out, ssm_out
