@@ -10,10 +10,11 @@ the best), and the device time of each kernel of one block; then the kernels of 
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 from torch.utils._pytree import tree_leaves
+
+from gpu import decode_rate  # benchmarks/gpu.py, beside this script
 
 from mambabyte.architectures import build_model, presets_for
 from mambabyte.ops import triton_decode
@@ -23,35 +24,8 @@ SWEEP = dict(in_block_k=[64, 256], in_block_n=[16, 64], out_block_k=[256, 1024],
 HBM_BYTES_PER_S = 3.35e12  # H100 SXM datasheet
 
 
-def step_graph(model, batch: int):
-    """A CUDA graph of one greedy decoding step (``model.step_``: the next state over the current one)."""
-    state = model.init_state(batch)
-    ids = torch.randint(0, 256, (batch,), device="cuda")
-
-    def one_byte():
-        ids.copy_(model.step_(ids, state).argmax(-1))  # the next state is written over ``state``
-
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            one_byte()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        one_byte()
-    return graph
-
-
 def step_microseconds(model, batch: int, steps: int = 300) -> float:
-    graph = step_graph(model, batch)
-    graph.replay()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(steps):
-        graph.replay()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) / steps * 1e6
+    return 1e6 * batch / decode_rate(model, batch, steps)
 
 
 def hbm_limit_microseconds(model, batch: int) -> float:

@@ -208,17 +208,22 @@ def training_rate(arch: str, batch: int, length: int, steps: int = 6) -> tuple[f
         torch.cuda.empty_cache()
 
 
-def sweep_segments() -> None:
-    """Training and prefill bytes/s for a few channel-tile and segment policies of the scan (ops.triton_scan)."""
+SCAN_POLICIES = (  # ops.triton_scan.CONFIG overrides compared by --sweep-scan
+    dict(),  # the defaults
+    dict(BLOCK_T=32),  # fewer saved chunk states: less memory, a longer recompute window in the backward
+)
+
+
+def sweep_scan() -> None:
+    """Training bytes/s, peak memory and prefill bytes/s for a few tile and segment policies of the scan."""
     kept = dict(triton_scan.CONFIG)
-    print("| min_block_d | min_segment | segment_programs_per_sm | B16 x L2048 | B4 x L8192 | prefill 8192 |")
-    print("|---|---|---|---|---|---|")
-    for min_block_d, min_segment, per_sm in ((8, 256, 16), (32, 128, 8), (32, 128, 16), (32, 128, 32), (32, 64, 32)):
-        triton_scan.CONFIG.update(min_block_d=min_block_d, min_segment=min_segment, segment_programs_per_sm=per_sm)
-        rates = [training_rate("mambabyte", batch, length, steps=4)[0] for batch, length in TRAIN_SHAPES]
+    print("| scan CONFIG overrides | B16 x L2048 | B4 x L8192 | peak GB, B4 x L8192 | prefill 8192 |")
+    print("|---|---|---|---|---|")
+    for policy in SCAN_POLICIES:
+        triton_scan.CONFIG.update(kept, **policy)
+        (short, _), (long, peak) = (training_rate("mambabyte", batch, length, steps=4) for batch, length in TRAIN_SHAPES)
         prefill = inference_rates(decode=False)["prefill bytes/s, batch 1, 8192 bytes"]
-        print(f"| {min_block_d} | {min_segment} | {per_sm} | {rates[0]:,.0f} | {rates[1]:,.0f} | {prefill:,.0f} |",
-              flush=True)
+        print(f"| {policy} | {short:,.0f} | {long:,.0f} | {peak:.1f} | {prefill:,.0f} |", flush=True)
     triton_scan.CONFIG.update(kept)
 
 
@@ -246,13 +251,13 @@ def profile_training_step(batch: int = 16, length: int = 2048) -> None:
     torch.cuda.empty_cache()
 
 
-def decode_rate(model, batch: int, steps: int) -> float:
-    """Bytes/s of greedy decoding with one ``model.step`` per byte, captured once in a CUDA graph and replayed."""
+def decode_graph(model, batch: int) -> torch.cuda.CUDAGraph:
+    """One greedy decoding step captured in a CUDA graph: ``model.step_`` writes the next state over the state."""
     state = model.init_state(batch)
     ids = torch.randint(0, 256, (batch,), device=DEVICE)
 
     def one_byte():
-        ids.copy_(model.step_(ids, state).argmax(-1))  # the next state is written over ``state``
+        ids.copy_(model.step_(ids, state).argmax(-1))
 
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -263,6 +268,12 @@ def decode_rate(model, batch: int, steps: int) -> float:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         one_byte()
+    return graph
+
+
+def decode_rate(model, batch: int, steps: int) -> float:
+    """Bytes/s of greedy decoding, one ``decode_graph`` replay per byte."""
+    graph = decode_graph(model, batch)
     graph.replay()
     torch.cuda.synchronize()
     start = time.perf_counter()
@@ -294,11 +305,11 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one training step")
     parser.add_argument("--skip-chunked", action="store_true", help="skip the pure-PyTorch backend's training rows")
     parser.add_argument("--inference-only", action="store_true", help="only the decoding and prefill rows")
-    parser.add_argument("--sweep-segments", action="store_true", help="only compare segment policies of the scan")
+    parser.add_argument("--sweep-scan", action="store_true", help="only compare tile and segment policies of the scan")
     args = parser.parse_args()
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton_scan.triton.__version__}\n")
-    if args.sweep_segments:
-        return sweep_segments()
+    if args.sweep_scan:
+        return sweep_scan()
     if args.inference_only:
         for name, rate in inference_rates().items():
             print(f"| {name} | {rate:,.0f} | {MAMBA_SSM[name][0]:,} | {MAMBA_SSM[name][1]} |")

@@ -5,6 +5,7 @@
 # the trainer's throughput. The speculative table comes first so that a time limit cannot cut it.
 # Outputs go to ${OUT:-runs/gpu}.
 #   bash benchmarks/gpu_speculative_suite.sh [BYTE_SECONDS] [DRAFT_SECONDS]
+# SPECULATIVE_ONLY=1 stops after the speculative tables (when device time is short).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=src
 OUT=${OUT:-runs/gpu}; mkdir -p "$OUT"; RUNS=/tmp/mambabyte-runs; mkdir -p "$RUNS"
@@ -23,6 +24,7 @@ python3 benchmarks/speculative.py $RUNS/byte/checkpoint $RUNS/draft/checkpoint -
    | tee "$OUT/speculative.txt"
 python3 benchmarks/speculative.py $RUNS/byte/checkpoint $RUNS/draft/checkpoint --dtype float32 --prompts 4 \
    --max-bytes 128 --draft-len 4 2>&1 | tee "$OUT/speculative_fp32.txt"
+[ -n "${SPECULATIVE_ONLY:-}" ] && exit 0
 mb robustness --byte $RUNS/byte/checkpoint --subword $RUNS/draft/checkpoint --data $CORPUS/valid \
    --max-bytes 65536 --markdown "$OUT/robustness.md" --plot "$OUT/robustness.png" --quiet 2>&1 | tee "$OUT/robustness.txt"
 python3 benchmarks/train.py --device cuda 2>&1 | tee "$OUT/train_cuda.txt"

@@ -8,9 +8,17 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from mambabyte.config import MambaByteConfig
 from mambabyte.ops import cpu_kernels, causal_conv1d, causal_conv1d_step, selective_scan, selective_step
+
+
+def conv_silu(x: Tensor, weight: Tensor, bias: Tensor, conv_state: Tensor | None, reset: Tensor | None,
+              ) -> tuple[Tensor, Tensor]:
+    """SiLU(causal conv(x)) and the conv's next window."""
+    x, conv_state = causal_conv1d(x, weight, bias, conv_state, reset)
+    return F.silu(x), conv_state
 
 
 class LayerState(NamedTuple):
@@ -53,8 +61,11 @@ class MambaMixer(nn.Module):
                 ) -> tuple[Tensor, LayerState]:
         """hidden (batch, length, d_model) -> (out (batch, length, d_model), state after the last position)."""
         x, z = self.in_proj(hidden).chunk(2, dim=-1)
-        x, conv_state = causal_conv1d(x, self.conv1d.weight, self.conv1d.bias, None if state is None else state.conv, reset)
-        x = F.silu(x)
+        conv_inputs = (x, self.conv1d.weight, self.conv1d.bias, None if state is None else state.conv, reset)
+        if torch.is_grad_enabled():  # training: recompute the conv in the backward rather than keep its output
+            x, conv_state = checkpoint(conv_silu, *conv_inputs, use_reentrant=False)
+        else:
+            x, conv_state = conv_silu(*conv_inputs)
         dt, B, C = self._ssm_inputs(x)
         A = -torch.exp(self.A_log.float())
         y, ssm_state = selective_scan(x, dt, A, B, C, self.D, self.dt_proj.bias, z=z,

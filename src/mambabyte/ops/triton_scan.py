@@ -99,6 +99,14 @@ def _segment(pid_b, length, seg_len, n_segs):
 
 
 @triton.jit
+def _at_position(t0, x_ptr, dt_ptr, B_ptr, C_ptr, z_ptr, reset_ptr,
+                 stride_xl, stride_dtl, stride_Bl, stride_Cl, stride_zl, stride_rl):
+    """The per-position input pointers moved to position t0 of their sequence."""
+    return (x_ptr + t0 * stride_xl, dt_ptr + t0 * stride_dtl, B_ptr + t0 * stride_Bl, C_ptr + t0 * stride_Cl,
+            z_ptr + t0 * stride_zl, reset_ptr + t0 * stride_rl)
+
+
+@triton.jit
 def _scan_fwd_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, dt_bias_ptr, z_ptr, h0_ptr, reset_ptr,
                      y_ptr, final_ptr, chunk_states_ptr, decay_ptr,
                      length, seg_len, n_segs, d_inner, d_state,
@@ -115,12 +123,9 @@ def _scan_fwd_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, dt_bias_ptr, z_p
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1)
     row, t0, seg_length = _segment(pid_b, length, seg_len, n_segs)
-    x_ptr += t0 * stride_xl
-    dt_ptr += t0 * stride_dtl
-    B_ptr += t0 * stride_Bl
-    C_ptr += t0 * stride_Cl
-    z_ptr += t0 * stride_zl
-    reset_ptr += t0 * stride_rl
+    x_ptr, dt_ptr, B_ptr, C_ptr, z_ptr, reset_ptr = _at_position(t0, x_ptr, dt_ptr, B_ptr, C_ptr, z_ptr, reset_ptr,
+                                                                 stride_xl, stride_dtl, stride_Bl, stride_Cl,
+                                                                 stride_zl, stride_rl)
     y_ptr += (row * length + t0) * d_inner
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
@@ -274,12 +279,9 @@ def _scan_bwd_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, dt_bias_ptr, z_p
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1)
     row, t0, seg_length = _segment(pid_b, length, seg_len, n_segs)
-    x_ptr += t0 * stride_xl
-    dt_ptr += t0 * stride_dtl
-    B_ptr += t0 * stride_Bl
-    C_ptr += t0 * stride_Cl
-    z_ptr += t0 * stride_zl
-    reset_ptr += t0 * stride_rl
+    x_ptr, dt_ptr, B_ptr, C_ptr, z_ptr, reset_ptr = _at_position(t0, x_ptr, dt_ptr, B_ptr, C_ptr, z_ptr, reset_ptr,
+                                                                 stride_xl, stride_dtl, stride_Bl, stride_Cl,
+                                                                 stride_zl, stride_rl)
     first = row * length + t0  # the segment's first position among the batch * length rows of dy, dx, dB ...
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
