@@ -121,3 +121,76 @@ def test_segmented_triton_scan_on_cuda_matches_reference(segments):
         results.append((y, final, *grads))
     for got, want in zip(*results):
         assert (got - want).abs().max() < 2e-3 * (1 + want.abs().max())
+
+
+def _varied_byte_model(config: MambaByteConfig):
+    """A random MambaByte whose greedy output varies (a fresh one repeats its last byte): its mixers outweigh
+    the embedding in the residual stream."""
+    model = build_model(config).eval()
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.mixer.out_proj.weight.mul_(10)
+    return model
+
+
+def _near_copy_drafter(byte_model, tokenizer, noise: float):
+    """A subword drafter that mostly agrees with ``byte_model``: its weights, with each token's embedding that of
+    its byte (0 for merged tokens) plus noise."""
+    weights = byte_model.state_dict()
+    embedding = weights["embedding.weight"]
+    rows = torch.stack([embedding[t[0]] if len(t) == 1 else torch.zeros_like(embedding[0])
+                        for t in tokenizer.token_bytes])
+    jitter = noise * torch.randn(rows.shape, generator=torch.Generator().manual_seed(1))
+    weights["embedding.weight"] = rows + jitter.to(rows)
+    drafter = build_model(MambaByteConfig(d_model=byte_model.config.d_model, n_layer=byte_model.config.n_layer,
+                                          vocab_size=tokenizer.vocab_size)).eval()
+    drafter.load_state_dict(weights)
+    return drafter
+
+
+@cuda
+def test_speculative_cuda_graphs_equal_plain_and_eager_decoding(monkeypatch):
+    """Speculative decoding replaying CUDA graphs: greedy output == plain greedy decoding (the Decoder's graph)
+    == the eager speculative path; sampled output == the eager path's with the same seed. Drafters: a random one
+    (drafts rejected, spans of many lengths) and a noisy copy of the byte model (long kept prefixes, rollbacks
+    inside drafts, a merged token to heal). Spans longer than 6 bytes are read eagerly here, between graphs."""
+    import warnings
+
+    from mambabyte import speculative
+    from mambabyte.generate import generate
+    from mambabyte.speculative import GraphByteVerifier, GraphDraftDecoder, SpeculativeDecoder, speculative_stream
+    from mambabyte.subword import SubwordTokenizer
+
+    text = [(f"the cat sat on the mat {i}. the dog sat on the log. " * 8).encode() for i in range(10)]
+    torch.manual_seed(0)
+    byte_model = _varied_byte_model(MambaByteConfig(d_model=256, n_layer=4)).cuda()
+    subword = SubwordTokenizer.train(text, vocab_size=300)
+    random_drafter = build_model(MambaByteConfig(d_model=256, n_layer=2, vocab_size=subword.vocab_size)).eval().cuda()
+    one_merge = SubwordTokenizer.train(text, vocab_size=257)  # bytes and one merged token
+    near_drafter = _near_copy_drafter(byte_model, one_merge, noise=0.003).cuda()
+    prompts = [b"", b"the cat", "東京 the".encode()]
+    monkeypatch.setattr(speculative, "MAX_GRAPH_SPAN", 6)
+    plain = [generate(byte_model, prompt, 80, temperature=0, dtype=torch.float32) for prompt in prompts]
+    graph_spans = set()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for drafter, tokenizer, draft_len in ((random_drafter, subword, 1), (random_drafter, subword, 4),
+                                              (near_drafter, one_merge, 3), (near_drafter, one_merge, 6)):
+            decoder = SpeculativeDecoder(byte_model, drafter, tokenizer, draft_len)  # reused over the prompts
+            assert isinstance(decoder.verifier, GraphByteVerifier)
+            assert isinstance(decoder.draft_decoder, GraphDraftDecoder)
+            for prompt, expected in zip(prompts, plain):
+                assert decoder.generate(b"\x00" + prompt, 80) == expected, (draft_len, prompt)
+                eager = speculative_stream(byte_model, drafter, tokenizer, prompt, 80, draft_len=draft_len,
+                                           temperature=0, cuda_graph=False)
+                assert b"".join(eager) == expected, (draft_len, prompt)
+            assert None not in decoder.draft_decoder._graphs.values()
+            graph_spans |= set(decoder.verifier._graphs)
+            if drafter is near_drafter:
+                assert 0.1 < decoder.stats.acceptance_rate < 0.9, decoder.stats
+            sampled = [b"".join(speculative_stream(byte_model, drafter, tokenizer, b"the", 60, draft_len=draft_len,
+                                                   seed=3, temperature=0.8, top_k=20, cuda_graph=graph))
+                       for graph in (True, False)]
+            assert sampled[0] == sampled[1] and len(sampled[0]) == 60
+    assert not [w for w in caught if "CUDA graph" in str(w.message)]
+    assert graph_spans and max(graph_spans) <= 6

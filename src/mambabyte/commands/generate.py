@@ -151,7 +151,8 @@ def _run_speculative(args: argparse.Namespace, model, options: dict, prompt: byt
     sampling = {k: options[k] for k in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "utf8")}
     stats = SpeculativeStats()
     chunks = speculative_stream(model, drafter, tokenizer, prompt, args.max_bytes, draft_len=args.draft_len,
-                                seed=args.seed, stop=stops, separator=options["separator"], stats=stats, **sampling)
+                                seed=args.seed, stop=stops, separator=options["separator"], stats=stats,
+                                cuda_graph=options["cuda_graph"], **sampling)
     write_stream(chunks, args.raw)
     if not args.raw:
         print()
