@@ -156,9 +156,10 @@ def test_speculative_cuda_graphs_equal_plain_and_eager_decoding(monkeypatch):
     inside drafts, a merged token to heal). Spans longer than 6 bytes are read eagerly here, between graphs."""
     import warnings
 
-    from mambabyte import speculative
+    from mambabyte import speculative_models
     from mambabyte.generate import generate
-    from mambabyte.speculative import GraphByteVerifier, GraphDraftDecoder, SpeculativeDecoder, speculative_stream
+    from mambabyte.speculative import SpeculativeDecoder, speculative_stream
+    from mambabyte.speculative_models import GraphByteVerifier, GraphDraftDecoder
     from mambabyte.subword import SubwordTokenizer
 
     text = [(f"the cat sat on the mat {i}. the dog sat on the log. " * 8).encode() for i in range(10)]
@@ -169,7 +170,7 @@ def test_speculative_cuda_graphs_equal_plain_and_eager_decoding(monkeypatch):
     one_merge = SubwordTokenizer.train(text, vocab_size=257)  # bytes and one merged token
     near_drafter = _near_copy_drafter(byte_model, one_merge, noise=0.003).cuda()
     prompts = [b"", b"the cat", "東京 the".encode()]
-    monkeypatch.setattr(speculative, "MAX_GRAPH_SPAN", 6)
+    monkeypatch.setattr(speculative_models, "MAX_GRAPH_SPAN", 6)
     plain = [generate(byte_model, prompt, 80, temperature=0, dtype=torch.float32) for prompt in prompts]
     graph_spans = set()
     with warnings.catch_warnings(record=True) as caught:
