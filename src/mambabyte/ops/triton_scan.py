@@ -150,7 +150,8 @@ def _scan_fwd_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, dt_bias_ptr, z_p
         stride_zb, stride_zl, stride_rb, stride_rl, HAS_Z, HAS_RESET)
     for chunk in range(0, n_chunks):
         if SAVE_STATES:
-            tl.store(chunk_states_ptr + (pid_b * chunks_per_row + chunk) * d_inner * d_state + nd, h, mask=mask_nd)
+            tl.store(chunk_states_ptr + (pid_b * chunks_per_row + chunk) * d_inner * d_state + nd,
+                     h.to(chunk_states_ptr.dtype.element_ty), mask=mask_nd)
         for t in range(chunk * BLOCK_T, tl.minimum(chunk * BLOCK_T + BLOCK_T, seg_length)):
             # the next position's loads are issued before this position's arithmetic
             x_next, dt_next, B_next, C_next, z_next, starts_next = _load_position(
@@ -307,7 +308,7 @@ def _scan_bwd_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, dt_bias_ptr, z_p
         start = chunk * BLOCK_T
         end = tl.minimum(start + BLOCK_T, seg_length)
         h = tl.load(chunk_states_ptr + (pid_b * chunks_per_row + chunk) * d_inner * d_state + nd, mask=mask_nd,
-                    other=0.0)
+                    other=0.0).to(tl.float32)
         for t in range(start, end):
             x, dt, Bt, Ct, z, starts = _load_position(
                 t, offs_d, mask_d, offs_n, mask_n, row, seg_length, x_ptr, dt_ptr, B_ptr, C_ptr, z_ptr, reset_ptr,
@@ -442,8 +443,9 @@ class _SelectiveScanTriton(torch.autograd.Function):
         save = any(ctx.needs_input_grad)
         y = torch.empty(batch, length, d_inner, device=x.device, dtype=x.dtype)
         ends = torch.empty(rows, d_state, d_inner, device=x.device, dtype=torch.float32)
+        # the states the backward restarts from, kept in the inputs' precision (bf16 training: half the memory)
         chunk_states = torch.empty(rows, triton.cdiv(seg_len, tiles["BLOCK_T"]) if save else 0, d_state, d_inner,
-                                   device=x.device, dtype=torch.float32)
+                                   device=x.device, dtype=x.dtype if x.dtype == torch.bfloat16 else torch.float32)
         decay = torch.empty_like(ends) if n_segs > 1 else None  # per segment: the product of a_t over it
         grid = (triton.cdiv(d_inner, tiles["BLOCK_D"]), rows)
         z_arg = x if z is None else z
