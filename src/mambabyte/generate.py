@@ -28,6 +28,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from mambabyte.errors import UserError
 from mambabyte.evaluate import DEFAULT_SEPARATOR
+from mambabyte.ops.dispatch import resolve_backend
 from mambabyte.utf8 import READY, advance, mask_tables
 
 PREFILL_MEMORY = 1 << 30  # bytes of scan intermediates one prefill chunk may use
@@ -214,9 +215,7 @@ class Decoder:
 
     def _read(self, ids: Tensor, reset: Tensor | None, state):
         """ids (batch, length) read from ``state`` in chunks -> (last logits (batch, 256), state)."""
-        config = self.model.config
-        per_position = ids.shape[0] * getattr(config, "d_inner", 1024) * getattr(config, "d_state", 16) * 16
-        chunk = max(64, PREFILL_MEMORY // per_position)
+        chunk = max(64, PREFILL_MEMORY // (ids.shape[0] * self._prefill_bytes_per_position()))
         with self.compute():
             for begin in range(0, ids.shape[1], chunk):
                 window = slice(begin, begin + chunk)
@@ -224,6 +223,15 @@ class Decoder:
                                            reset=None if reset is None else reset[:, window])
         # copies, so that no view keeps a whole chunk's logits or scan states alive
         return logits[:, -1].float().clone(), tree_map(torch.clone, state)
+
+    def _prefill_bytes_per_position(self) -> int:
+        """Memory one more prompt position costs a forward, per row: the PyTorch scans keep
+        (length, d_inner, d_state) intermediates, the compiled kernels only (length, d_inner) activations."""
+        config = self.model.config
+        d_inner, d_state = getattr(config, "d_inner", 1024), getattr(config, "d_state", 16)
+        if getattr(config, "arch", None) == "mambabyte" and resolve_backend(None, self.device) in ("triton", "cpu"):
+            return d_inner * 32
+        return d_inner * d_state * 16
 
     def compute(self):
         return _autocast(self.device, self.dtype)
