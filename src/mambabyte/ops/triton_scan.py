@@ -4,7 +4,7 @@ One program owns BLOCK_D channels of one sequence (one warp, a channel per lane)
 position at a time, its state (d_state, BLOCK_D) in registers with the state index inside each thread, so
 the readout C . h needs no communication; softplus(dt + dt_bias), the D skip and the SiLU(z) gate are fused
 and the next position's inputs are loaded before the current one is computed. The forward saves the state
-every BLOCK_T positions. The backward walks those chunks in reverse: it recomputes a chunk's states into
+every BLOCK_T positions (in bf16 when the inputs are bf16, half the memory). The backward walks those chunks in reverse: it recomputes a chunk's states into
 this program's own scratch rows (read back by the same threads, so no barrier), then runs the adjoint
 recurrence g_t = C_t dy_t + a_{t+1} g_{t+1} backwards through the chunk. dB and dC sum over channels, so
 each program adds its lanes' share with one atomic per state index and position.
