@@ -222,3 +222,30 @@ def test_cuda_graph_decoding_equals_eager(model):
     graphed = generate_batch(cuda, ["a", "bcd"], 64, **options)
     eager = generate_batch(cuda, ["a", "bcd"], 64, cuda_graph=False, **options)
     assert graphed == eager
+
+
+@pytest.mark.parametrize("backend, calls", [("chunked", 4), ("cpu", 1)])
+def test_prompt_chunks_follow_the_scan_backends_memory(model, monkeypatch, backend, calls):
+    """The PyTorch scan keeps (length, d_inner, d_state) intermediates, the compiled kernels do not: a prompt
+    is read in memory-bounded chunks only where the backend needs them, with the same result either way."""
+    from mambabyte import generate as generation
+    from mambabyte.ops.dispatch import SCAN_BACKENDS
+
+    if backend not in SCAN_BACKENDS:
+        pytest.skip(f"no {backend} backend here")
+    monkeypatch.setenv("MAMBABYTE_SCAN", backend)
+    c = model.config
+    monkeypatch.setattr(generation, "PREFILL_MEMORY", 64 * c.d_inner * c.d_state * 16)  # 64 positions per chunk
+    seen = []
+
+    def counting_forward(ids, **kwargs):
+        seen.append(ids.shape[1])
+        return type(model).forward(model, ids, **kwargs)
+
+    monkeypatch.setattr(model, "forward", counting_forward)
+    prompt = bytes(range(200))
+    decoder = Decoder(model, Sampling(temperature=0), [0])
+    decoder.start([prompt])
+    assert len(seen) == calls and sum(seen) == len(prompt) + 1
+    expected = model(torch.tensor([list(b"\x00" + prompt)]))[0, -1]
+    torch.testing.assert_close(decoder.logits[0], expected, atol=1e-4, rtol=1e-4)
