@@ -62,7 +62,7 @@ class MambaMixer(nn.Module):
         """hidden (batch, length, d_model) -> (out (batch, length, d_model), state after the last position)."""
         x, z = self.in_proj(hidden).chunk(2, dim=-1)
         conv_inputs = (x, self.conv1d.weight, self.conv1d.bias, None if state is None else state.conv, reset)
-        if torch.is_grad_enabled():  # training: recompute the conv in the backward rather than keep its output
+        if torch.is_grad_enabled() and x.is_cuda:  # GPU memory: recompute the conv in the backward, keep no output
             x, conv_state = checkpoint(conv_silu, *conv_inputs, use_reentrant=False)
         else:
             x, conv_state = conv_silu(*conv_inputs)
