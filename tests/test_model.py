@@ -135,6 +135,20 @@ def test_gradients_reach_every_parameter(tiny_model):
         assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
 
 
+def test_recomputing_the_conv_in_the_backward_changes_no_gradient(tiny_model, monkeypatch):
+    from mambabyte import mixer
+
+    ids = random_ids(2, LENGTH, seed=4)
+    grads = []
+    for devices in ((), ("cpu",)):
+        monkeypatch.setattr(mixer, "RECOMPUTE_CONV_ON", devices)
+        tiny_model.zero_grad()
+        tiny_model(ids).logsumexp(-1).sum().backward()
+        grads.append([p.grad.clone() for p in tiny_model.parameters()])
+    for plain, recomputed in zip(*grads):
+        torch.testing.assert_close(recomputed, plain)
+
+
 def test_small_preset_parameter_count():
     with torch.device("meta"):
         model = build_model(preset("small"))
