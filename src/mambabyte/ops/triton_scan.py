@@ -4,10 +4,11 @@ One program owns BLOCK_D channels of one sequence (one warp, a channel per lane)
 position at a time, its state (d_state, BLOCK_D) in registers with the state index inside each thread, so
 the readout C . h needs no communication; softplus(dt + dt_bias), the D skip and the SiLU(z) gate are fused
 and the next position's inputs are loaded before the current one is computed. The forward saves the state
-every BLOCK_T positions (in bf16 when the inputs are bf16, half the memory). The backward walks those chunks in reverse: it recomputes a chunk's states into
-this program's own scratch rows (read back by the same threads, so no barrier), then runs the adjoint
-recurrence g_t = C_t dy_t + a_{t+1} g_{t+1} backwards through the chunk. dB and dC sum over channels, so
-each program adds its lanes' share with one atomic per state index and position.
+every BLOCK_T positions (in bf16 when the inputs are bf16, half the memory). The backward walks those chunks
+in reverse: it recomputes a chunk's states into this program's own scratch rows (read back by the same
+threads, so no barrier), then runs the adjoint recurrence g_t = C_t dy_t + a_{t+1} g_{t+1} backwards through
+the chunk. dB and dC sum over channels, so each program adds its lanes' share with one atomic per state
+index and position.
 
 Segments: a batch too small to fill the GPU (prefill at batch 1, training at batch 4 x 8K) would leave a few
 hundred programs each walking the whole sequence, latency-bound. The sequence is then cut into segments run
@@ -99,6 +100,18 @@ def _segment(pid_b, length, seg_len, n_segs):
 
 
 @triton.jit
+def _state_tile(pid_d, d_inner, d_state, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Program pid_d's channels and state indices, their masks, and its (N, D) state tile's mask and offsets
+    (states are stored (state index, channel): channels contiguous)."""
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_d = offs_d < d_inner
+    mask_n = offs_n < d_state
+    mask_nd = mask_n[:, None] & mask_d[None, :]
+    return offs_d, offs_n, mask_d, mask_n, mask_nd, offs_n[:, None] * d_inner + offs_d[None, :]
+
+
+@triton.jit
 def _at_position(t0, x_ptr, dt_ptr, B_ptr, C_ptr, z_ptr, reset_ptr,
                  stride_xl, stride_dtl, stride_Bl, stride_Cl, stride_zl, stride_rl):
     """The per-position input pointers moved to position t0 of their sequence."""
@@ -127,12 +140,7 @@ def _scan_fwd_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, dt_bias_ptr, z_p
                                                                  stride_xl, stride_dtl, stride_Bl, stride_Cl,
                                                                  stride_zl, stride_rl)
     y_ptr += (row * length + t0) * d_inner
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, BLOCK_N)
-    mask_d = offs_d < d_inner
-    mask_n = offs_n < d_state
-    mask_nd = mask_n[:, None] & mask_d[None, :]
-    nd = offs_n[:, None] * d_inner + offs_d[None, :]  # states are stored (state index, channel)
+    offs_d, offs_n, mask_d, mask_n, mask_nd, nd = _state_tile(pid_d, d_inner, d_state, BLOCK_D, BLOCK_N)
     A = tl.load(A_ptr + nd, mask=mask_nd, other=0.0).to(tl.float32)
     Dskip = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     dt_bias = tl.load(dt_bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
@@ -187,10 +195,7 @@ def _segment_carry_kernel(decay_ptr, local_ptr, first_ptr, carried_ptr, n_segs, 
     """
     pid_d = tl.program_id(0)
     row = tl.program_id(1)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, BLOCK_N)
-    mask_nd = (offs_n < d_state)[:, None] & (offs_d < d_inner)[None, :]
-    nd = offs_n[:, None] * d_inner + offs_d[None, :]
+    offs_d, offs_n, _, _, mask_nd, nd = _state_tile(pid_d, d_inner, d_state, BLOCK_D, BLOCK_N)
     if HAS_FIRST:
         carry = tl.load(first_ptr + row * d_inner * d_state + nd, mask=mask_nd, other=0.0).to(tl.float32)
     else:
@@ -236,12 +241,7 @@ def _scan_bwd_carry_kernel(dt_ptr, A_ptr, C_ptr, dt_bias_ptr, z_ptr, reset_ptr, 
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1)
     row, t0, seg_length = _segment(pid_b, length, seg_len, n_segs)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, BLOCK_N)
-    mask_d = offs_d < d_inner
-    mask_n = offs_n < d_state
-    mask_nd = mask_n[:, None] & mask_d[None, :]
-    nd = offs_n[:, None] * d_inner + offs_d[None, :]
+    offs_d, offs_n, mask_d, mask_n, mask_nd, nd = _state_tile(pid_d, d_inner, d_state, BLOCK_D, BLOCK_N)
     A = tl.load(A_ptr + nd, mask=mask_nd, other=0.0).to(tl.float32)
     dt_bias = tl.load(dt_bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     flowing = tl.full((BLOCK_N, BLOCK_D), 0.0, tl.float32)
@@ -284,12 +284,7 @@ def _scan_bwd_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, dt_bias_ptr, z_p
                                                                  stride_xl, stride_dtl, stride_Bl, stride_Cl,
                                                                  stride_zl, stride_rl)
     first = row * length + t0  # the segment's first position among the batch * length rows of dy, dx, dB ...
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, BLOCK_N)
-    mask_d = offs_d < d_inner
-    mask_n = offs_n < d_state
-    mask_nd = mask_n[:, None] & mask_d[None, :]
-    nd = offs_n[:, None] * d_inner + offs_d[None, :]  # states are stored (state index, channel)
+    offs_d, offs_n, mask_d, mask_n, mask_nd, nd = _state_tile(pid_d, d_inner, d_state, BLOCK_D, BLOCK_N)
     A = tl.load(A_ptr + nd, mask=mask_nd, other=0.0).to(tl.float32)
     Dskip = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     dt_bias = tl.load(dt_bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
