@@ -299,6 +299,17 @@ def inference_rates(decode: bool = True) -> dict[str, float]:
     return rates
 
 
+def training_rows(arch: str) -> dict[str, float]:
+    """Training bytes/s and peak GB of ``arch`` at every TRAIN_SHAPES, keyed as the summary table's rows."""
+    rows = {}
+    for batch, length in TRAIN_SHAPES:
+        rate, peak = training_rate(arch, batch, length)
+        rows[f"training bytes/s, B{batch} x L{length}"] = rate
+        rows[f"training peak memory GB, B{batch} x L{length}"] = peak
+        print(f"{arch} B{batch} x L{length}: {rate:,.0f} bytes/s, peak {peak:.1f} GB", flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sweep", action="store_true", help="time alternative scan tile sizes and keep the best")
@@ -322,19 +333,9 @@ def main() -> None:
         print(f"model loss comparison failed: {error}\n")
     if args.sweep:
         sweep_tiles()
-    ours = {}
-    for batch, length in TRAIN_SHAPES:
-        rate, peak = training_rate("mambabyte", batch, length)
-        ours[f"training bytes/s, B{batch} x L{length}"] = rate
-        ours[f"training peak memory GB, B{batch} x L{length}"] = peak
-        print(f"mambabyte triton B{batch} x L{length}: {rate:,.0f} bytes/s, peak {peak:.1f} GB", flush=True)
+    ours = training_rows("mambabyte")
     ours.update(inference_rates())
-    transformer = {}
-    for batch, length in TRAIN_SHAPES:
-        rate, peak = training_rate("transformer", batch, length)
-        transformer[f"training bytes/s, B{batch} x L{length}"] = rate
-        transformer[f"training peak memory GB, B{batch} x L{length}"] = peak
-        print(f"transformer B{batch} x L{length}: {rate:,.0f} bytes/s, peak {peak:.1f} GB", flush=True)
+    transformer = training_rows("transformer")
     chunked = []
     if not args.skip_chunked:  # the PyTorch scan keeps (batch, length, d_inner, d_state) tensors: small shapes only
         for backend in ("triton", "chunked"):
