@@ -102,8 +102,7 @@ class MambaMixer(nn.Module):
         x, z = self.in_proj(hidden).chunk(2, dim=-1)
         window = torch.cat([state.conv.to(x.dtype), x.transpose(1, 2)], dim=-1)  # (batch, d_inner, K-1 + length)
         conv_states = window.unfold(2, self.config.d_conv - 1, 1)[:, :, 1:].transpose(1, 2)
-        x, _ = causal_conv1d(x, self.conv1d.weight, self.conv1d.bias, state.conv)
-        x = F.silu(x)
+        x, _ = conv_silu(x, self.conv1d.weight, self.conv1d.bias, state.conv, None)
         dt, B, C = self._ssm_inputs(x)
         A = -torch.exp(self.A_log.float())
         ssm, ys, ssm_states = state.ssm, [], []
