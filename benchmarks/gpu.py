@@ -211,7 +211,18 @@ def training_rate(arch: str, batch: int, length: int, steps: int = 6) -> tuple[f
 SCAN_POLICIES = (  # ops.triton_scan.CONFIG overrides compared by --sweep-scan
     dict(),  # the defaults
     dict(BLOCK_T=32),  # fewer saved chunk states: less memory, a longer recompute window in the backward
+    dict(bwd_prefetch=True),  # the backward's walks load the next position before this one's arithmetic
+    dict(bwd_prefetch=True, BLOCK_T=8),  # and a smaller recompute scratch (more saved states)
 )
+
+
+def compiled_resources(kernel) -> str:
+    """Registers and spills per thread of each compiled variant of a Triton kernel (spills go to local memory)."""
+    try:
+        variants = [compiled for cache in kernel.device_caches.values() for compiled in cache[0].values()]
+        return ", ".join(f"{compiled.n_regs} registers, {compiled.n_spills} spills" for compiled in variants)
+    except (AttributeError, IndexError, TypeError, KeyError):  # the cache's layout changes between Triton versions
+        return "n/a"
 
 
 def sweep_scan() -> None:
@@ -225,6 +236,8 @@ def sweep_scan() -> None:
         prefill = inference_rates(decode=False)["prefill bytes/s, batch 1, 8192 bytes"]
         print(f"| {policy} | {short:,.0f} | {long:,.0f} | {peak:.1f} | {prefill:,.0f} |", flush=True)
     triton_scan.CONFIG.update(kept)
+    for kernel in (triton_scan._scan_fwd_kernel, triton_scan._scan_bwd_kernel):
+        print(f"\n{getattr(kernel, '__name__', kernel)}: {compiled_resources(kernel)}")
 
 
 def profile_training_step(batch: int = 16, length: int = 2048) -> None:

@@ -171,7 +171,7 @@ def plot(result: dict, path: Path) -> None:
     curves.plot(steps, reference, label=f"reference: {result['reference']['label']}", linewidth=1, linestyle="--")
     curves.set_ylabel("training loss (nats/byte)")
     s = result["settings"]
-    curves.set_title(f"{s['preset']}, B{s['batch']} x L{s['length']}, {result['device']} ({s['precision']})")
+    curves.set_title(f"{s['preset']}, B{s['batch']} x L{s['length']}, {result['device']}\n({s['precision']})")
     curves.legend()
     curves.grid(True, alpha=0.3)
     difference.plot(steps, [f - r for f, r in zip(fast, reference)], linewidth=1, color="black")

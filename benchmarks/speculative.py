@@ -130,7 +130,7 @@ def main() -> None:
         for draft_len in args.draft_len:
             probs = None if temperature == 0 else Sampling(temperature=temperature).probs
             decoder = SpeculativeDecoder(byte_model, drafter, tokenizer, draft_len, probs,
-                                         torch.Generator(device=device))
+                                         torch.Generator(device=device), dtype=dtype)
             if draft_len not in drafter_rates:
                 drafter_rates[draft_len] = drafter_alone(decoder, contexts, args.max_bytes // 3, device)
             outputs, seconds, first_seconds = speculative_decoding(decoder, contexts, args.max_bytes, device)

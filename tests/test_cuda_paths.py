@@ -177,21 +177,47 @@ def test_speculative_cuda_graphs_equal_plain_and_eager_decoding(monkeypatch):
         warnings.simplefilter("always")
         for drafter, tokenizer, draft_len in ((random_drafter, subword, 1), (random_drafter, subword, 4),
                                               (near_drafter, one_merge, 3), (near_drafter, one_merge, 6)):
-            decoder = SpeculativeDecoder(byte_model, drafter, tokenizer, draft_len)  # reused over the prompts
+            decoder = SpeculativeDecoder(byte_model, drafter, tokenizer, draft_len, dtype=torch.float32)  # reused
             assert isinstance(decoder.verifier, GraphByteVerifier)
             assert isinstance(decoder.draft_decoder, GraphDraftDecoder)
             for prompt, expected in zip(prompts, plain):
                 assert decoder.generate(b"\x00" + prompt, 80) == expected, (draft_len, prompt)
                 eager = speculative_stream(byte_model, drafter, tokenizer, prompt, 80, draft_len=draft_len,
-                                           temperature=0, cuda_graph=False)
+                                           temperature=0, cuda_graph=False, dtype=torch.float32)
                 assert b"".join(eager) == expected, (draft_len, prompt)
             assert None not in decoder.draft_decoder._graphs.values()
             graph_spans |= set(decoder.verifier._graphs)
             if drafter is near_drafter:
                 assert 0.1 < decoder.stats.acceptance_rate < 0.9, decoder.stats
             sampled = [b"".join(speculative_stream(byte_model, drafter, tokenizer, b"the", 60, draft_len=draft_len,
-                                                   seed=3, temperature=0.8, top_k=20, cuda_graph=graph))
+                                                   seed=3, temperature=0.8, top_k=20, cuda_graph=graph,
+                                                   dtype=torch.float32))
                        for graph in (True, False)]
             assert sampled[0] == sampled[1] and len(sampled[0]) == 60
     assert not [w for w in caught if "CUDA graph" in str(w.message)]
     assert graph_spans and max(graph_spans) <= 6
+
+
+@cuda
+def test_speculative_greedy_equals_plain_greedy_in_bf16():
+    """bf16 weights and autocast, as `mambabyte generate --draft` runs on a GPU: a prompt read and a decoding
+    step round differently, so speculative decoding must read the context as plain decoding does; then its
+    greedy output equals plain greedy decoding's byte for byte (graphs and eager), over long outputs."""
+    from mambabyte.generate import generate
+    from mambabyte.speculative import speculative_stream
+    from mambabyte.subword import SubwordTokenizer
+
+    text = [(f"the cat sat on the mat {i}. the dog sat on the log. " * 8).encode() for i in range(10)]
+    torch.manual_seed(0)
+    byte_model = _varied_byte_model(MambaByteConfig(d_model=256, n_layer=4)).cuda()
+    one_merge = SubwordTokenizer.train(text, vocab_size=257)
+    drafter = _near_copy_drafter(byte_model, one_merge, noise=0.003).cuda().to(torch.bfloat16)
+    byte_model = byte_model.to(torch.bfloat16)
+    prompts = [b"the cat", bytes(range(40, 240))]  # the second: a long prompt read as a whole
+    for prompt in prompts:
+        plain = generate(byte_model, prompt, 300, temperature=0, dtype=torch.bfloat16)
+        for graph in (True, False):
+            for draft_len in (2, 5):
+                out = b"".join(speculative_stream(byte_model, drafter, one_merge, prompt, 300, draft_len=draft_len,
+                                                  temperature=0, cuda_graph=graph, dtype=torch.bfloat16))
+                assert out == plain, (prompt[:8], graph, draft_len)

@@ -77,11 +77,12 @@ class ScriptedDrafter(torch.nn.Module):
 
 
 def check_round_stats(stats, max_bytes):
-    """Every round is one byte-model call and writes the bytes it kept plus one."""
+    """Every round writes the bytes it kept plus one, with one byte-model call; the first round reads nothing
+    when nothing was drafted (the prompt's last logits judge it)."""
     assert stats.generated_bytes == max_bytes
-    assert stats.byte_model_calls == stats.rounds
+    assert stats.rounds - 1 <= stats.byte_model_calls <= stats.rounds
     assert stats.generated_bytes == stats.accepted_bytes + stats.rounds
-    assert stats.bytes_per_call == pytest.approx(1 + stats.accepted_bytes / stats.rounds)
+    assert stats.bytes_per_call == pytest.approx(stats.generated_bytes / stats.byte_model_calls)
 
 
 @pytest.mark.parametrize("draft_len", [1, 2, 3, 6])
@@ -111,7 +112,7 @@ def test_max_bytes_is_exact(models, tokenizer, max_bytes):
     byte_model, drafter = models
     decoder = SpeculativeDecoder(byte_model, drafter, tokenizer, draft_len=3)
     assert decoder.generate(b"\x00the", max_bytes) == plain_greedy(byte_model, b"\x00the", max_bytes)
-    assert decoder.stats.byte_model_calls == decoder.stats.rounds
+    assert decoder.stats.rounds - 1 <= decoder.stats.byte_model_calls <= decoder.stats.rounds
 
 
 def test_accepts_everything_when_drafter_agrees(tokenizer):

@@ -92,6 +92,17 @@ def test_segmented_scan_matches_reference(segments, dtype, with_state, resets):
     check_matches_reference(inputs, reset, dtype, functools.partial(selective_scan_triton, segments=segments))
 
 
+@pytest.mark.parametrize(("segments", "dtype", "with_gate"), [(1, torch.float32, True), (3, torch.float32, False),
+                                                         (4, torch.bfloat16, True)])
+def test_backward_with_prefetch_matches_reference(monkeypatch, segments, dtype, with_gate):
+    """CONFIG["bwd_prefetch"]: the backward's walks load each next position early; every gradient unchanged,
+    over chunk and segment edges (19 positions, chunks of 8), resets and an initial state."""
+    monkeypatch.setitem(CONFIG, "bwd_prefetch", True)
+    inputs, reset = scan_inputs(2, 19, 6, 3, dtype, seed=5 + segments, with_state=True, reset_rate=0.2)
+    inputs = inputs if with_gate else {**inputs, "z": None}
+    check_matches_reference(inputs, reset, dtype, functools.partial(selective_scan_triton, segments=segments))
+
+
 def test_segmented_scan_reads_strided_views():
     """x and z as halves of one (batch, length, 2 * d_inner) tensor; segments longer than a chunk of states."""
     def scan_strided(x, z, **rest):

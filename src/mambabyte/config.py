@@ -54,6 +54,9 @@ PRESETS: dict[str, MambaByteConfig] = {
     "tiny": MambaByteConfig(d_model=32, n_layer=2, d_state=8),
     # a few M parameters, minutes on CPU: the demo
     "small": MambaByteConfig(d_model=256, n_layer=8),
+    # a speculative drafter about a tenth of bench-91m: few, wide layers (each layer costs a few kernel
+    # launches per drafted token, so depth sets the drafter's speed)
+    "draft-wide": MambaByteConfig(d_model=512, n_layer=4),
     # the anchor size of our GPU benchmarks
     "bench-91m": MambaByteConfig(d_model=768, n_layer=24),
     # the paper's sizes (authors' configs: mambabyte_lm.yml)

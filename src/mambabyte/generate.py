@@ -147,6 +147,33 @@ def _same_shapes(a, b) -> bool:
     return a_spec == b_spec and all(x.shape == y.shape for x, y in zip(a_leaves, b_leaves))
 
 
+def _prefill_bytes_per_position(model: nn.Module, device: torch.device) -> int:
+    """Memory one more prompt position costs a forward, per row: the PyTorch scans keep
+    (length, d_inner, d_state) intermediates, the compiled kernels only (length, d_inner) activations."""
+    config = model.config
+    d_inner, d_state = getattr(config, "d_inner", 1024), getattr(config, "d_state", 16)
+    if getattr(config, "arch", None) == "mambabyte" and resolve_backend(None, device) in ("triton", "cpu"):
+        return d_inner * 32
+    return d_inner * d_state * 16
+
+
+@torch.no_grad()
+def read_bytes(model: nn.Module, ids: Tensor, reset: Tensor | None = None, state=None,
+               dtype: torch.dtype | None = None) -> tuple[Tensor, object]:
+    """ids (batch, length) read from ``state`` (None: the initial state) as decoding reads prompts: in chunks
+    that bound memory, under the decoding autocast. -> (the next byte's logits (batch, 256) fp32, the state).
+
+    Anything that must decode exactly as ``Decoder`` does (speculative decoding) reads its context here."""
+    chunk = max(64, PREFILL_MEMORY // (ids.shape[0] * _prefill_bytes_per_position(model, ids.device)))
+    with _autocast(ids.device, dtype):
+        for begin in range(0, ids.shape[1], chunk):
+            window = slice(begin, begin + chunk)
+            logits, state = model(ids[:, window], state=state, return_state=True,
+                                  reset=None if reset is None else reset[:, window])
+    # copies, so that no view keeps a whole chunk's logits or scan states alive
+    return logits[:, -1].float().clone(), tree_map(torch.clone, state)
+
+
 class Decoder:
     """Rows decoded in lockstep from one model: its state and next-byte logits, plus what sampling tracks
     (bytes seen, for the repetition penalty; the UTF-8 automaton; the random counter).
@@ -214,24 +241,7 @@ class Decoder:
         self.utf8_state.copy_(torch.tensor(states, device=self.device))
 
     def _read(self, ids: Tensor, reset: Tensor | None, state):
-        """ids (batch, length) read from ``state`` in chunks -> (last logits (batch, 256), state)."""
-        chunk = max(64, PREFILL_MEMORY // (ids.shape[0] * self._prefill_bytes_per_position()))
-        with self.compute():
-            for begin in range(0, ids.shape[1], chunk):
-                window = slice(begin, begin + chunk)
-                logits, state = self.model(ids[:, window], state=state, return_state=True,
-                                           reset=None if reset is None else reset[:, window])
-        # copies, so that no view keeps a whole chunk's logits or scan states alive
-        return logits[:, -1].float().clone(), tree_map(torch.clone, state)
-
-    def _prefill_bytes_per_position(self) -> int:
-        """Memory one more prompt position costs a forward, per row: the PyTorch scans keep
-        (length, d_inner, d_state) intermediates, the compiled kernels only (length, d_inner) activations."""
-        config = self.model.config
-        d_inner, d_state = getattr(config, "d_inner", 1024), getattr(config, "d_state", 16)
-        if getattr(config, "arch", None) == "mambabyte" and resolve_backend(None, self.device) in ("triton", "cpu"):
-            return d_inner * 32
-        return d_inner * d_state * 16
+        return read_bytes(self.model, ids, reset, state, self.dtype)
 
     def compute(self):
         return _autocast(self.device, self.dtype)

@@ -8,6 +8,9 @@ The byte model has read everything written except the last byte, ``carry``. One 
    they part, or a bonus byte when all of d was kept): the next ``carry``, read at the next round;
 4. the byte model rolls back to its state after the kept prefix (``state_at``, nothing re-read); the
    drafter rolls back to its state after the last whole token it got right and reads the re-tokenised tail.
+The context is read first as plain decoding reads a prompt (``generate.read_bytes``), and its last logits
+judge the first draft (no carry yet): greedy output then matches plain decoding bit for bit in bf16 too,
+where a step and a prompt read round differently.
 
 A round costs one byte-model call and one transfer from the device for the verdict, and yields the kept
 bytes plus one. Greedy decoding gives exactly the byte model's greedy output. With sampling, a drafted
@@ -62,11 +65,12 @@ class SpeculativeDecoder:
     ``probs``: maps byte logits (rows, 256) to the sampling distributions (rows, 256); None means greedy.
     The byte model must keep its state after every position of a span (``forward_states``, ``state_at``).
     ``cuda_graph``: on CUDA, replay CUDA graphs (same output; see the module's docstring).
+    ``dtype``: the byte model's compute precision, as ``Decoder``'s (None: bf16 autocast on CUDA, fp32 elsewhere).
     """
 
     def __init__(self, byte_model, drafter, tokenizer: SubwordTokenizer, draft_len: int = 4,
                  probs: Callable[[Tensor], Tensor] | None = None, generator: torch.Generator | None = None,
-                 cuda_graph: bool = True):
+                 cuda_graph: bool = True, dtype: torch.dtype | None = None):
         if not hasattr(byte_model, "forward_states"):
             arch = getattr(getattr(byte_model, "config", None), "arch", type(byte_model).__name__)
             raise UserError(f"speculative decoding needs a MambaByte byte model (state after every position); "
@@ -86,8 +90,8 @@ class SpeculativeDecoder:
             graph_drafter = cuda_graph and self.drafter_device.type == "cuda" and GraphDraftDecoder.applies(drafter)
         self.draft_decoder = (GraphDraftDecoder(drafter, draft_len, tokenizer.vocab_size, capture) if graph_drafter
                               else DraftDecoder(drafter, draft_len))
-        self.verifier = (GraphByteVerifier(byte_model, capture) if cuda_graph and self.device.type == "cuda"
-                         else ByteVerifier(byte_model))
+        self.verifier = (GraphByteVerifier(byte_model, capture, dtype) if cuda_graph and self.device.type == "cuda"
+                         else ByteVerifier(byte_model, dtype))
 
     def _verify(self, logits: Tensor, piece: bytes) -> tuple[int, int]:
         """logits (len(piece) + 1, 256): the byte model's view before each drafted byte and past the last.
@@ -153,20 +157,26 @@ class SpeculativeDecoder:
         """Continues ``context`` (the document-start separator plus the prompt); yields each round's bytes."""
         if not context:
             raise UserError("speculative decoding needs a context: a document separator or a prompt")
-        self.verifier.start(context[:-1])
-        carry = context[-1]  # written, not yet read by the byte model
+        # the context is read as plain decoding reads a prompt; its last logits judge the first round's draft
+        first_logits = self.verifier.start(context)
+        carry = b""  # written, not yet read by the byte model: nothing in the first round
         pending = self._drafter_start(context)
         produced = 0
         while produced < max_bytes:
             tokens, piece = self._draft(pending)
             piece = piece[: max_bytes - produced - 1]  # the round adds one byte of its own
-            logits = self.verifier.read(bytes([carry]) + piece)
-            kept, carry = self._verify(logits, piece)
-            self.verifier.rollback(kept)  # after the old carry and the kept bytes
-            new = piece[:kept] + bytes([carry])
+            span = carry + piece
+            logits = self.verifier.read(span) if span else first_logits[:0]
+            if not carry:
+                logits = torch.cat([first_logits[None], logits])
+            kept, correction = self._verify(logits, piece)
+            if len(carry) + kept:
+                self.verifier.rollback(len(carry) + kept - 1)  # after the old carry and the kept bytes
+            carry = bytes([correction])
+            new = piece[:kept] + carry
             produced += len(new)
             self.stats.rounds += 1
-            self.stats.byte_model_calls += 1
+            self.stats.byte_model_calls += bool(span)
             self.stats.drafted_bytes += len(piece)
             self.stats.accepted_bytes += kept
             self.stats.generated_bytes += len(new)
@@ -193,13 +203,15 @@ def load_drafter(directory: str | os.PathLike, device: str | torch.device = "cpu
 def speculative_stream(byte_model: nn.Module, drafter: nn.Module, tokenizer: SubwordTokenizer,
                        prompt: bytes | str = b"", max_bytes: int = 256, *, draft_len: int = 4, seed: int = 0,
                        stop: Sequence[bytes | str] = (), separator: bytes = DEFAULT_SEPARATOR,
-                       stats: SpeculativeStats | None = None, cuda_graph: bool = True, **sampling
+                       stats: SpeculativeStats | None = None, cuda_graph: bool = True,
+                       dtype: torch.dtype | None = None, **sampling
                        ) -> Iterator[bytes]:
     """Like ``generate.stream``, but drafted by ``drafter``; the same output as plain decoding when greedy.
 
     ``sampling``: temperature, top_k, top_p, min_p (repetition penalty and strict UTF-8 are not supported).
     ``stats``: filled in as decoding goes (acceptance rate, bytes per byte-model call).
     ``cuda_graph``: on CUDA, replay both models' calls as CUDA graphs (the same output, faster).
+    ``dtype``: the byte model's compute precision, as ``generate``'s.
     """
     if draft_len < 1:
         raise UserError(f"--draft-len must be >= 1, got {draft_len}")
@@ -210,7 +222,7 @@ def speculative_stream(byte_model: nn.Module, drafter: nn.Module, tokenizer: Sub
         raise UserError(f"--max-bytes must be >= 0, got {max_bytes}")
     generator = torch.Generator(device=next(byte_model.parameters()).device).manual_seed(seed)
     probs = None if rules.greedy else rules.probs
-    decoder = SpeculativeDecoder(byte_model, drafter, tokenizer, draft_len, probs, generator, cuda_graph)
+    decoder = SpeculativeDecoder(byte_model, drafter, tokenizer, draft_len, probs, generator, cuda_graph, dtype)
     if stats is not None:
         decoder.stats = stats
     stops = StopFilter(check_stops(stop))

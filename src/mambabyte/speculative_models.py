@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_map
 
-from mambabyte.generate import _same_shapes
+from mambabyte.generate import _autocast, _same_shapes, read_bytes
 
 MAX_GRAPH_SPAN = 64  # longest span the byte model reads by replaying a graph; longer ones (rare) run eagerly
 
@@ -230,27 +230,30 @@ class GraphDraftDecoder(DraftDecoder):
 
 
 class ByteVerifier:
-    """The byte model's state; reads a span keeping its state after every position, and rolls back to any."""
+    """The byte model's state; reads a span keeping its state after every position, and rolls back to any.
 
-    def __init__(self, model: nn.Module):
+    Reads run as ``Decoder``'s do (its prompt reading, its autocast for ``dtype``), so that greedy speculative
+    decoding writes what plain decoding writes, bit for bit, in bf16 too."""
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype | None = None):
         self.model = model
+        self.dtype = dtype
         self.device = next(model.parameters()).device
         self.state = None
         self._states = None  # after every position of the last span
 
-    def _prefill(self, context: bytes):
-        state = self.model.init_state(1)
-        if context:
-            _, state = self.model(_ids(context, self.device), state=state, return_state=True)
-        return state
+    def start(self, context: bytes) -> Tensor:
+        """Reads ``context`` (at least one byte) from the initial state; -> the next byte's logits (256,)."""
+        logits, self.state = read_bytes(self.model, _ids(context, self.device), dtype=self.dtype)
+        return logits[0]
 
-    def start(self, context: bytes) -> None:
-        """Reads ``context`` (may be empty) from the initial state."""
-        self.state = self._prefill(context)
+    def _forward_states(self, ids: Tensor):
+        with _autocast(self.device, self.dtype):
+            return self.model.forward_states(ids, self.state)
 
     def read(self, span: bytes) -> Tensor:
         """-> logits (len(span), 256): after each byte of ``span`` read from the state (which stays as it is)."""
-        logits, self._states = self.model.forward_states(_ids(span, self.device), self.state)
+        logits, self._states = self._forward_states(_ids(span, self.device))
         return logits[0]
 
     def rollback(self, position: int) -> None:
@@ -262,8 +265,8 @@ class GraphByteVerifier(ByteVerifier):
     """``ByteVerifier`` from a fixed state buffer, replaying one CUDA graph per span length (up to
     ``MAX_GRAPH_SPAN``). The graphs share one memory pool: a replay's outputs are read before the next one."""
 
-    def __init__(self, model: nn.Module, capture: GraphCapture):
-        super().__init__(model)
+    def __init__(self, model: nn.Module, capture: GraphCapture, dtype: torch.dtype | None = None):
+        super().__init__(model, dtype)
         self.state = model.init_state(1)
         self._capture = capture
         self._graphs: dict[int, tuple[Tensor, torch.cuda.CUDAGraph, tuple[Tensor, list]]] = {}
@@ -271,14 +274,16 @@ class GraphByteVerifier(ByteVerifier):
         self._rollbacks: dict[tuple[int, int], CopyPlan] = {}  # (span length, position) -> copies from its graph
         self._length: int | None = None  # of the last span, when a graph read it
 
-    def start(self, context: bytes) -> None:
-        _copy(self.state, self._prefill(context))
+    def start(self, context: bytes) -> Tensor:
+        logits, state = read_bytes(self.model, _ids(context, self.device), dtype=self.dtype)
+        _copy(self.state, state)
+        return logits[0]
 
     def _graph(self, length: int):
         """(ids buffer (1, length), graph, its outputs) for spans of ``length``, captured on first use; or None."""
         if length not in self._graphs and length <= MAX_GRAPH_SPAN and not self._capture.failed:
             ids = torch.zeros(1, length, dtype=torch.long, device=self.device)
-            graph, outputs = self._capture(lambda: self.model.forward_states(ids, self.state), self.device,
+            graph, outputs = self._capture(lambda: self._forward_states(ids), self.device,
                                            pool=self._pool)
             if graph is not None:
                 self._graphs[length] = ids, graph, outputs

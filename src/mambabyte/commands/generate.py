@@ -152,7 +152,7 @@ def _run_speculative(args: argparse.Namespace, model, options: dict, prompt: byt
     stats = SpeculativeStats()
     chunks = speculative_stream(model, drafter, tokenizer, prompt, args.max_bytes, draft_len=args.draft_len,
                                 seed=args.seed, stop=stops, separator=options["separator"], stats=stats,
-                                cuda_graph=options["cuda_graph"], **sampling)
+                                cuda_graph=options["cuda_graph"], dtype=options["dtype"], **sampling)
     write_stream(chunks, args.raw)
     if not args.raw:
         print()

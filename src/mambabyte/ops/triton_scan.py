@@ -75,8 +75,8 @@ def _load_position(t, offs_d, mask_d, offs_n, mask_n, pid_b, length,
                    stride_zb, stride_zl, stride_rb, stride_rl,
                    HAS_Z: tl.constexpr, HAS_RESET: tl.constexpr):
     """Position t's inputs in fp32: x, dt + dt_bias, z (D,), B, C (N,), and whether a document starts there."""
-    md = mask_d & (offs_d * 0 + t < length)  # vector forms: the interpreter wants tensor masks
-    mn = mask_n & (offs_n * 0 + t < length)
+    md = mask_d & (offs_d * 0 + t < length) & (offs_d * 0 + t >= 0)  # vector forms: the interpreter wants tensor masks
+    mn = mask_n & (offs_n * 0 + t < length) & (offs_n * 0 + t >= 0)
     x = tl.load(x_ptr + pid_b * stride_xb + t * stride_xl + offs_d, mask=md, other=0.0).to(tl.float32)
     dt = tl.load(dt_ptr + pid_b * stride_dtb + t * stride_dtl + offs_d, mask=md, other=0.0).to(tl.float32) + dt_bias
     Bt = tl.load(B_ptr + pid_b * stride_Bb + t * stride_Bl + offs_n, mask=mn, other=0.0).to(tl.float32)
@@ -265,13 +265,20 @@ def _scan_bwd_carry_kernel(dt_ptr, A_ptr, C_ptr, dt_bias_ptr, z_ptr, reset_ptr, 
 
 
 @triton.jit
+def _load_dy(dy_ptr, first, t, t_min, d_inner, offs_d, mask_d):
+    """The output gradient at position t >= t_min of the segment starting at row ``first`` of dy, in fp32."""
+    md = mask_d & (offs_d * 0 + t >= t_min)
+    return tl.load(dy_ptr + (first + t) * d_inner + offs_d, mask=md, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _scan_bwd_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, dt_bias_ptr, z_ptr, reset_ptr,
                      chunk_states_ptr, dy_ptr, dfinal_ptr,
                      dx_ptr, ddt_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, ddt_bias_ptr, dh0_ptr, scratch_ptr,
                      length, seg_len, n_segs, d_inner, d_state,
                      stride_xb, stride_xl, stride_dtb, stride_dtl, stride_Bb, stride_Bl, stride_Cb, stride_Cl,
                      stride_zb, stride_zl, stride_rb, stride_rl,
-                     HAS_Z: tl.constexpr, HAS_RESET: tl.constexpr,
+                     HAS_Z: tl.constexpr, HAS_RESET: tl.constexpr, PREFETCH: tl.constexpr,
                      BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
     """Chunks in reverse: recompute the chunk's states into this program's scratch, then walk it backwards.
 
@@ -304,30 +311,59 @@ def _scan_bwd_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, dt_bias_ptr, z_p
         end = tl.minimum(start + BLOCK_T, seg_length)
         h = tl.load(chunk_states_ptr + (pid_b * chunks_per_row + chunk) * d_inner * d_state + nd, mask=mask_nd,
                     other=0.0).to(tl.float32)
-        for t in range(start, end):
+        if PREFETCH:  # each walk loads the position it visits next before this one's arithmetic
             x, dt, Bt, Ct, z, starts = _load_position(
-                t, offs_d, mask_d, offs_n, mask_n, row, seg_length, x_ptr, dt_ptr, B_ptr, C_ptr, z_ptr, reset_ptr,
-                dt_bias, stride_xb, stride_xl, stride_dtb, stride_dtl, stride_Bb, stride_Bl, stride_Cb, stride_Cl,
-                stride_zb, stride_zl, stride_rb, stride_rl, HAS_Z, HAS_RESET)
+                start, offs_d, mask_d, offs_n, mask_n, row, seg_length, x_ptr, dt_ptr, B_ptr, C_ptr, z_ptr,
+                reset_ptr, dt_bias, stride_xb, stride_xl, stride_dtb, stride_dtl, stride_Bb, stride_Bl, stride_Cb,
+                stride_Cl, stride_zb, stride_zl, stride_rb, stride_rl, HAS_Z, HAS_RESET)
+        for t in range(start, end):
+            if PREFETCH:
+                x_next, dt_next, B_next, C_next, z_next, starts_next = _load_position(
+                    t + 1, offs_d, mask_d, offs_n, mask_n, row, seg_length, x_ptr, dt_ptr, B_ptr, C_ptr, z_ptr,
+                    reset_ptr, dt_bias, stride_xb, stride_xl, stride_dtb, stride_dtl, stride_Bb, stride_Bl,
+                    stride_Cb, stride_Cl, stride_zb, stride_zl, stride_rb, stride_rl, HAS_Z, HAS_RESET)
+            else:
+                x, dt, Bt, Ct, z, starts = _load_position(
+                    t, offs_d, mask_d, offs_n, mask_n, row, seg_length, x_ptr, dt_ptr, B_ptr, C_ptr, z_ptr,
+                    reset_ptr, dt_bias, stride_xb, stride_xl, stride_dtb, stride_dtl, stride_Bb, stride_Bl,
+                    stride_Cb, stride_Cl, stride_zb, stride_zl, stride_rb, stride_rl, HAS_Z, HAS_RESET)
             delta = softplus(dt)
             a = tl.exp(delta[None, :] * A)
             if HAS_RESET:
                 a = tl.where(starts[:, None], 0.0, a)
             h = a * h + (delta * x)[None, :] * Bt[:, None]
             tl.store(scratch + (t - start) * BLOCK_N * BLOCK_D + tile, h)  # read back by this same thread
+            if PREFETCH:
+                x, dt, Bt, Ct, z, starts = x_next, dt_next, B_next, C_next, z_next, starts_next
+        if PREFETCH:
+            x, dt, Bt, Ct, z, starts = _load_position(
+                end - 1, offs_d, mask_d, offs_n, mask_n, row, seg_length, x_ptr, dt_ptr, B_ptr, C_ptr, z_ptr,
+                reset_ptr, dt_bias, stride_xb, stride_xl, stride_dtb, stride_dtl, stride_Bb, stride_Bl, stride_Cb,
+                stride_Cl, stride_zb, stride_zl, stride_rb, stride_rl, HAS_Z, HAS_RESET)
+            dy = _load_dy(dy_ptr, first, end - 1, 0, d_inner, offs_d, mask_d)
+            h = tl.load(scratch + (end - 1 - start) * BLOCK_N * BLOCK_D + tile)
         for back in range(0, end - start):
             t = end - 1 - back
-            x, dt, Bt, Ct, z, starts = _load_position(
-                t, offs_d, mask_d, offs_n, mask_n, row, seg_length, x_ptr, dt_ptr, B_ptr, C_ptr, z_ptr, reset_ptr,
-                dt_bias, stride_xb, stride_xl, stride_dtb, stride_dtl, stride_Bb, stride_Bl, stride_Cb, stride_Cl,
-                stride_zb, stride_zl, stride_rb, stride_rl, HAS_Z, HAS_RESET)
-            h = tl.load(scratch + (t - start) * BLOCK_N * BLOCK_D + tile)
+            if PREFETCH:  # position t - 1: in this chunk's scratch, or (t == start) left for the next chunk
+                x_next, dt_next, B_next, C_next, z_next, starts_next = _load_position(
+                    t - 1, offs_d, mask_d, offs_n, mask_n, row, seg_length, x_ptr, dt_ptr, B_ptr, C_ptr, z_ptr,
+                    reset_ptr, dt_bias, stride_xb, stride_xl, stride_dtb, stride_dtl, stride_Bb, stride_Bl,
+                    stride_Cb, stride_Cl, stride_zb, stride_zl, stride_rb, stride_rl, HAS_Z, HAS_RESET)
+                dy_next = _load_dy(dy_ptr, first, t - 1, start, d_inner, offs_d, mask_d)
+                h_next = tl.load(scratch + (t - 1 - start) * BLOCK_N * BLOCK_D + tile,
+                                 mask=(tile * 0 + t - 1) >= start, other=0.0)
+            else:
+                x, dt, Bt, Ct, z, starts = _load_position(
+                    t, offs_d, mask_d, offs_n, mask_n, row, seg_length, x_ptr, dt_ptr, B_ptr, C_ptr, z_ptr,
+                    reset_ptr, dt_bias, stride_xb, stride_xl, stride_dtb, stride_dtl, stride_Bb, stride_Bl,
+                    stride_Cb, stride_Cl, stride_zb, stride_zl, stride_rb, stride_rl, HAS_Z, HAS_RESET)
+                dy = _load_dy(dy_ptr, first, t, start, d_inner, offs_d, mask_d)
+                h = tl.load(scratch + (t - start) * BLOCK_N * BLOCK_D + tile)
             delta = softplus(dt)
             a = tl.exp(delta[None, :] * A)
             if HAS_RESET:
                 a = tl.where(starts[:, None], 0.0, a)
             u = (delta * x)[None, :] * Bt[:, None]
-            dy = tl.load(dy_ptr + (first + t) * d_inner + offs_d, mask=mask_d, other=0.0).to(tl.float32)
             if HAS_Z:
                 y = total(h * Ct[:, None], axis=0) + Dskip * x
                 sig = sigmoid(z)
@@ -348,6 +384,8 @@ def _scan_bwd_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, dt_bias_ptr, z_p
             tl.atomic_add(dB_ptr + tn, total(g * (delta * x)[None, :], axis=1), mask=mask_n, sem="relaxed")
             tl.atomic_add(dC_ptr + tn, total(h * dy[None, :], axis=1), mask=mask_n, sem="relaxed")
             flowing = a * g
+            if PREFETCH:
+                x, dt, Bt, Ct, z, starts, dy, h = x_next, dt_next, B_next, C_next, z_next, starts_next, dy_next, h_next
     tl.store(dh0_ptr + state_offset + nd, flowing, mask=mask_nd)
     tl.store(dA_ptr + state_offset + nd, dA, mask=mask_nd)
     tl.store(dD_ptr + pid_b * d_inner + offs_d, dD, mask=mask_d)
@@ -387,8 +425,11 @@ def _segment_length(length: int, programs: int, multiprocessors: int, block_t: i
 # stop at min_segment positions; a min_segment above the longest sequence turns them off.
 # benchmarks/gpu.py --sweep-segments on an H100 (bench-91m): full-warp channel tiles plus segments beat narrower
 # tiles (B4 x L8192 training 68K -> 141K bytes/s, B16 x L2048 107K -> 142K, 8K prefill 219K -> 295K).
+# bwd_prefetch: the backward's two walks load the next position's inputs (and scratch state) before this one's
+# arithmetic, as the forward does; interpreter-tested, NOT yet timed on a GPU (benchmarks/gpu.py --sweep-scan
+# compares it with the plain walks), so off by default.
 CONFIG = dict(BLOCK_T=16, BLOCK_D=32, fwd_warps=1, bwd_warps=1, programs_per_sm=8, min_block_d=32,
-              segment_programs_per_sm=32, min_segment=64, carry_warps=1)
+              segment_programs_per_sm=32, min_segment=64, carry_warps=1, bwd_prefetch=False)
 
 
 def _row_strides(t: Tensor) -> tuple[int, int]:
@@ -505,8 +546,8 @@ class _SelectiveScanTriton(torch.autograd.Function):
             chunk_states, dy, dfinal, dx, ddt, dx if dz is None else dz, dB, dC, dA, dD, ddt_bias, dh0, scratch,
             length, seg_len, n_segs, d_inner, d_state,
             *_row_strides(x), *_row_strides(dt), *_row_strides(B), *_row_strides(C), *_row_strides(z_arg),
-            *reset_strides, HAS_Z=z is not None, HAS_RESET=reset_i8 is not None, num_warps=CONFIG["bwd_warps"],
-            **tiles)
+            *reset_strides, HAS_Z=z is not None, HAS_RESET=reset_i8 is not None, PREFETCH=CONFIG["bwd_prefetch"],
+            num_warps=CONFIG["bwd_warps"], **tiles)
         dh0 = dh0.view(batch, n_segs, d_state, d_inner)[:, 0]
         return (dx, ddt, dA.sum(0).t(), dB.to(B.dtype), dC.to(C.dtype), dD.sum(0), ddt_bias.sum(0), dz,
                 dh0.transpose(1, 2) if has_h0 else None, None, None)
