@@ -19,7 +19,9 @@ from gpu import decode_rate  # benchmarks/gpu.py, beside this script
 from mambabyte.architectures import build_model, presets_for
 from mambabyte.ops import triton_decode
 
-SWEEP = dict(in_block_k=[64, 256], in_block_n=[16, 64], out_block_k=[256, 1024], out_block_n=[16, 64],
+# one parameter at a time, in this order (the best value kept); programmatic dependent launch (Hopper) first,
+# as the best tiles may depend on it
+SWEEP = dict(pdl=[True], in_block_k=[64, 256], in_block_n=[16, 64], out_block_k=[256, 1024], out_block_n=[16, 64],
              conv_block_k=[64, 256], conv_splits=[16, 32], scan_programs_per_sm=[1, 2, 8], warps=[2, 8])
 HBM_BYTES_PER_S = 3.35e12  # H100 SXM datasheet
 

@@ -9,6 +9,7 @@ drafter's own greedy decoding speed in bytes/s (its draft, ``draft_len`` tokens 
 GPU), and whether the greedy outputs are identical to plain decoding. Each decoder is built once; the
 speculative one goes twice over the prompts, the first pass capturing CUDA graphs (one per span length for the
 byte model; its rate is shown too), the second timed; ``generate`` builds a Decoder, and captures, per call.
+``--phases`` then times each model call of a greedy round (where a round's time goes).
 """
 
 from __future__ import annotations
@@ -87,6 +88,51 @@ def drafter_alone(decoder: SpeculativeDecoder, contexts: list[bytes], tokens: in
     return produced / seconds
 
 
+PHASES = (  # (row, the decoder's part, its method): every model call a round makes, and the context's reads
+    ("read the context (byte model, once a prompt)", "verifier", "start"),
+    ("read the context (drafter, once a prompt)", "draft_decoder", "start"),
+    ("draft (drafter)", "draft_decoder", "draft"),
+    ("re-read the boundary (drafter)", "draft_decoder", "read"),
+    ("roll back (drafter)", "draft_decoder", "rollback"),
+    ("verify (byte model)", "verifier", "read"),
+    ("verdict (to the host)", None, "_verify"),
+    ("roll back (byte model)", "verifier", "rollback"),
+)
+
+
+def round_phases(decoder: SpeculativeDecoder, contexts: list[bytes], max_bytes: int, device: torch.device
+                 ) -> dict[str, float]:
+    """Milliseconds per round in each model call of a round (the device synchronised around each, so these
+    rounds run a little slower than unobserved ones), the rest of the round (host work in speculative.py:
+    drafting bookkeeping, re-tokenising) and the whole round."""
+    seconds = dict.fromkeys([name for name, _, _ in PHASES], 0.0)
+
+    def observed(name, method):
+        def call(*args, **kwargs):
+            _sync(device)
+            start = time.perf_counter()
+            result = method(*args, **kwargs)
+            _sync(device)
+            seconds[name] += time.perf_counter() - start
+            return result
+        return call
+
+    parts = [(name, decoder if owner is None else getattr(decoder, owner), method) for name, owner, method in PHASES]
+    for name, part, method in parts:  # instance attributes over the methods, removed afterwards
+        setattr(part, method, observed(name, getattr(part, method)))
+    decoder.stats = SpeculativeStats()
+    try:
+        _, total = _timed(lambda: [decoder.generate(context, max_bytes) for context in contexts], device)
+    finally:
+        for _, part, method in parts:
+            delattr(part, method)
+    rounds = max(1, decoder.stats.rounds)
+    per_round = {name: 1e3 * value / rounds for name, value in seconds.items()}
+    per_round["rest of the round (host)"] = 1e3 * total / rounds - sum(per_round.values())
+    per_round["whole round"] = 1e3 * total / rounds
+    return per_round
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("byte_checkpoint")
@@ -99,9 +145,10 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=0.7, help="for the sampled rows")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default=None,
-                        help="weights of both models (default: bfloat16 on CUDA, float32 elsewhere); greedy outputs "
-                             "are identical to plain decoding in float32, bf16 can break near-ties differently")
+                        help="weights and compute of both models (default: bfloat16 on CUDA, float32 elsewhere)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    parser.add_argument("--phases", action="store_true",
+                        help="also time each model call of a round (greedy, the first draft length)")
     args = parser.parse_args()
 
     if args.threads:
@@ -140,6 +187,12 @@ def main() -> None:
             print(f"| {mode} | {draft_len} | {plain_rate:,.0f} | {rate:,.0f} | {rate / plain_rate:.2f}x | "
                   f"{produced / first_seconds:,.0f} | {stats.acceptance_rate:.1%} | {stats.bytes_per_call:.2f} | "
                   f"{drafter_rates[draft_len]:,.0f} | {same} |", flush=True)
+    if args.phases:
+        decoder = SpeculativeDecoder(byte_model, drafter, tokenizer, args.draft_len[0], None, dtype=dtype)
+        speculative_decoding(decoder, contexts, args.max_bytes, device)  # captures the graphs
+        print(f"\nGreedy, draft len {args.draft_len[0]}: milliseconds per round\n\n| part of a round | ms |\n|---|---:|")
+        for name, ms in round_phases(decoder, contexts, args.max_bytes, device).items():
+            print(f"| {name} | {ms:.3f} |")
 
 
 if __name__ == "__main__":

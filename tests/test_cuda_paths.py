@@ -106,6 +106,46 @@ def test_fused_forward_states_on_cuda_matches_cpu_and_equals_stepping(dtype):
 
 
 @cuda
+def test_decode_kernels_with_programmatic_dependent_launch_give_the_same_bits(monkeypatch):
+    """CONFIG["pdl"] (each kernel launched while the previous runs, waiting before it reads an activation): the
+    same logits and states, bit for bit, eagerly and replayed from a CUDA graph of in-place steps."""
+    from mambabyte.ops import triton_decode
+
+    torch.manual_seed(0)
+    model = build_model(MambaByteConfig(d_model=256, n_layer=3)).eval().cuda().to(torch.bfloat16)
+    ids = torch.randint(0, 256, (2, 24), device="cuda")
+
+    def decode():
+        with torch.no_grad():
+            _, state = model(ids[:, :8], return_state=True)
+            logits, states = model.forward_states(ids[:, 8:16], state)
+            step_state = model.state_at(states, 7)
+            graph_ids = ids[:, 16].clone()
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up (compiles) before the capture: one step more in both runs
+                model.step_(graph_ids, step_state)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                step_logits = model.step_(graph_ids, step_state)
+            outputs = [logits]
+            for t in range(16, 24):
+                graph_ids.copy_(ids[:, t])
+                graph.replay()
+                outputs.append(step_logits.clone())
+            torch.cuda.synchronize()
+            return outputs, [s.ssm.clone() for s in step_state]
+
+    monkeypatch.setitem(triton_decode.CONFIG, "pdl", False)
+    expected = decode()
+    monkeypatch.setitem(triton_decode.CONFIG, "pdl", True)
+    got = decode()
+    for a, b in zip(got[0] + got[1], expected[0] + expected[1]):
+        assert torch.equal(a, b)
+
+
+@cuda
 @pytest.mark.parametrize("segments", [2, 3, 5])
 def test_segmented_triton_scan_on_cuda_matches_reference(segments):
     """The sequence split into segments run in parallel (prefill, long training windows), with gradients."""

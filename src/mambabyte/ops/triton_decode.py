@@ -15,6 +15,10 @@ so reading a span here gives bit for bit what stepping through it one position a
 decoding's verification agrees exactly with plain decoding. Conv inputs are rounded to the conv state's
 dtype before use, as they are when they come back from the state.
 
+Programmatic dependent launch (Hopper, ``CONFIG["pdl"]``): each kernel is launched while the previous one
+runs, loads what no earlier kernel writes (weights, parameters) and then waits (``gdc_wait``) for the previous
+kernel to finish before it reads an activation or writes anything, so kernel launch gaps overlap work.
+
 Runs on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (how CI tests it).
 """
 
@@ -32,8 +36,10 @@ from mambabyte.ops.triton_scan import interpreting, sigmoid, softplus, total
 BLOCK_M = 16  # rows per program: tl.dot's smallest tile; decoding one row wastes the rest, the weights dominate
 # GPU tiles, the fastest of benchmarks/decode_kernels.py's sweep on an H100 at bench-91m, batch 1 (batch 64 agreed
 # but for the scan's channel tile: the widest tile that still gives scan_programs_per_sm programs per SM)
+# pdl: programmatic dependent launch where the GPU and Triton have it; interpreter-tested only, NOT yet timed
+# (benchmarks/decode_kernels.py sweeps it), so off by default.
 CONFIG = dict(in_block_n=32, in_block_k=128, out_block_n=16, out_block_k=512, conv_block_k=128, conv_splits=24,
-              scan_programs_per_sm=4, warps=4)
+              scan_programs_per_sm=4, warps=4, pdl=False)
 
 
 def _precision(weight: Tensor) -> str:
@@ -42,6 +48,15 @@ def _precision(weight: Tensor) -> str:
     if interpreting() and weight.dtype != torch.float32:
         return "upcast"
     return "ieee" if weight.dtype == torch.float32 else "tf32"
+
+
+@triton.jit
+def _wait_for_previous_kernel(USE_PDL: tl.constexpr):
+    """With programmatic dependent launch: wait until the previous kernel has finished and its writes are
+    visible, then let the next kernel launch (it will wait likewise). Without it, nothing to do."""
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
 
 
 @triton.jit
@@ -55,12 +70,13 @@ def _dot(a, w, PRECISION: tl.constexpr):
 @triton.jit
 def _norm_linear_kernel(h_ptr, norm_ptr, w_ptr, out_ptr, M, K, N, eps,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        PRECISION: tl.constexpr):
+                        PRECISION: tl.constexpr, USE_PDL: tl.constexpr):
     """out (M, N) fp32 = (rms_norm(h) in the weights' dtype * norm) @ w.T; h (M, K) fp32, w (N, K)."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = rows < M
     mask_n = cols < N
+    _wait_for_previous_kernel(USE_PDL)
     squares = tl.full((BLOCK_M,), 0.0, tl.float32)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
@@ -85,7 +101,7 @@ def _norm_linear_kernel(h_ptr, norm_ptr, w_ptr, out_ptr, M, K, N, eps,
 def _conv_x_proj_kernel(xz_ptr, conv_state_ptr, conv_w_ptr, conv_b_ptr, wx_ptr, xc_ptr, parts_ptr, conv_out_ptr,
                         M, span, d_inner, n_out, per_split,
                         KCONV: tl.constexpr, KEEP_STATES: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr):
+                        BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr, USE_PDL: tl.constexpr):
     """Conv + SiLU of this program's channels for BLOCK_M rows, and their share of x_proj (partial sums)."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     split = tl.program_id(1)
@@ -99,6 +115,7 @@ def _conv_x_proj_kernel(xz_ptr, conv_state_ptr, conv_w_ptr, conv_b_ptr, wx_ptr, 
     writes_state = mask_m if KEEP_STATES else mask_m & (t == span - 1)
     acc = tl.full((BLOCK_M, BLOCK_R), 0.0, tl.float32)
     c_end = tl.minimum(split * per_split + per_split, d_inner)
+    _wait_for_previous_kernel(USE_PDL)
     for c0 in range(split * per_split, c_end, BLOCK_K):
         cols = c0 + tl.arange(0, BLOCK_K)
         mask_c = cols < c_end
@@ -128,7 +145,8 @@ def _conv_x_proj_kernel(xz_ptr, conv_state_ptr, conv_w_ptr, conv_b_ptr, wx_ptr, 
 @triton.jit
 def _scan_kernel(xz_ptr, xc_ptr, parts_ptr, wdt_ptr, dt_bias_ptr, A_log_ptr, D_ptr, ssm_ptr, y_ptr, ssm_out_ptr,
                  M, span, d_inner, dt_rank, d_state, n_out, n_splits,
-                 KEEP_STATES: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+                 KEEP_STATES: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+                 USE_PDL: tl.constexpr):
     """dt_proj, softplus, the state update, readout, D skip and gate for BLOCK_D channels of one sequence."""
     b = tl.program_id(0)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -144,6 +162,7 @@ def _scan_kernel(xz_ptr, xc_ptr, parts_ptr, wdt_ptr, dt_bias_ptr, A_log_ptr, D_p
     A = -tl.exp(tl.load(A_log_ptr + dn, mask=mask_dn, other=0.0).to(tl.float32))
     Dskip = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     dt_bias = tl.load(dt_bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    _wait_for_previous_kernel(USE_PDL)  # the parameters above are loaded while the previous kernel runs
     h = tl.load(ssm_ptr + b * d_inner * d_state + dn, mask=mask_dn, other=0.0)
     for t in range(0, span):
         m = b * span + t
@@ -169,12 +188,14 @@ def _scan_kernel(xz_ptr, xc_ptr, parts_ptr, wdt_ptr, dt_bias_ptr, A_log_ptr, D_p
 
 @triton.jit
 def _out_proj_kernel(y_ptr, w_ptr, h_ptr, out_ptr, M, K, N,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+                     USE_PDL: tl.constexpr):
     """out (M, N) fp32 = h + y @ w.T; y (M, K) in the weights' dtype, h (M, N) fp32."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = rows < M
     mask_n = cols < N
+    _wait_for_previous_kernel(USE_PDL)
     acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
@@ -200,6 +221,23 @@ def _scan_block_d(batch: int, d_inner: int, device: torch.device) -> int:
     return next((block for block in (128, 64, 32) if batch * triton.cdiv(d_inner, block) >= wanted), 16)
 
 
+@functools.cache
+def _pdl_supported(device: torch.device) -> bool:
+    """Programmatic dependent launch needs a Hopper or newer GPU and a Triton that launches with it."""
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+    except ImportError:
+        return False
+    return ("launch_pdl" in getattr(CUDAOptions, "__dataclass_fields__", {})
+            and hasattr(tl.extra.cuda, "gdc_wait") and torch.cuda.get_device_capability(device)[0] >= 9)
+
+
+def _launch(device: torch.device) -> dict:
+    """The USE_PDL constexpr and launch option of every kernel here."""
+    use = bool(CONFIG["pdl"]) and not interpreting() and _pdl_supported(device)
+    return dict(USE_PDL=True, launch_pdl=True) if use else dict(USE_PDL=False)
+
+
 def _blocks(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
@@ -213,7 +251,7 @@ def norm_linear(hidden: Tensor, norm_weight: Tensor, eps: float, weight: Tensor)
     grid = (triton.cdiv(M, BLOCK_M), triton.cdiv(N, block_n))
     _norm_linear_kernel[grid](rows, norm_weight.to(weight.dtype), weight.contiguous(), out, M, K, N, eps,
                               BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_K=CONFIG["in_block_k"],
-                              PRECISION=_precision(weight), num_warps=CONFIG["warps"])
+                              PRECISION=_precision(weight), num_warps=CONFIG["warps"], **_launch(hidden.device))
     return out.reshape(*hidden.shape[:-1], N)
 
 
@@ -256,17 +294,18 @@ def block_span(hidden: Tensor, norm_weight: Tensor, eps: float, in_proj_weight: 
         xz, conv_state.contiguous(), conv_weight.contiguous(), conv_bias,
         x_proj_weight.contiguous(), xc, parts, conv_out, M, span, d_inner, n_out, per_split,
         KCONV=kernel, KEEP_STATES=keep_states, BLOCK_M=BLOCK_M, BLOCK_K=block_k, BLOCK_R=_blocks(n_out),
-        PRECISION=_precision(x_proj_weight), num_warps=CONFIG["warps"])
+        PRECISION=_precision(x_proj_weight), num_warps=CONFIG["warps"], **_launch(hidden.device))
     y = torch.empty(M, d_inner, device=hidden.device, dtype=dtype)
     block_d = _scan_block_d(batch, d_inner, hidden.device)
     _scan_kernel[(batch, triton.cdiv(d_inner, block_d))](
         xz, xc, parts, dt_proj_weight.contiguous(), dt_bias, A_log.contiguous(), D,
         ssm_state.float().contiguous(), y, ssm_out, M, span, d_inner, dt_rank, d_state, n_out, splits,
         KEEP_STATES=keep_states, BLOCK_D=block_d, BLOCK_R=_blocks(dt_rank),
-        BLOCK_N=max(2, triton.next_power_of_2(d_state)), num_warps=4)
+        BLOCK_N=max(2, triton.next_power_of_2(d_state)), num_warps=4, **_launch(hidden.device))
     out = torch.empty_like(rows)
     block_n = CONFIG["out_block_n"]
     _out_proj_kernel[(triton.cdiv(M, BLOCK_M), triton.cdiv(d_model, block_n))](
         y, out_proj_weight.contiguous(), rows, out, M, d_inner, d_model, BLOCK_M=BLOCK_M, BLOCK_N=block_n,
-        BLOCK_K=CONFIG["out_block_k"], PRECISION=_precision(out_proj_weight), num_warps=CONFIG["warps"])
+        BLOCK_K=CONFIG["out_block_k"], PRECISION=_precision(out_proj_weight), num_warps=CONFIG["warps"],
+        **_launch(hidden.device))
     return out.reshape(batch, span, d_model), conv_out, ssm_out
