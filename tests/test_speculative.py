@@ -82,7 +82,6 @@ def check_round_stats(stats, max_bytes):
     assert stats.generated_bytes == max_bytes
     assert stats.rounds - 1 <= stats.byte_model_calls <= stats.rounds
     assert stats.generated_bytes == stats.accepted_bytes + stats.rounds
-    assert stats.bytes_per_call == pytest.approx(stats.generated_bytes / stats.byte_model_calls)
 
 
 @pytest.mark.parametrize("draft_len", [1, 2, 3, 6])
