@@ -103,6 +103,14 @@ def test_backward_with_prefetch_matches_reference(monkeypatch, segments, dtype, 
     check_matches_reference(inputs, reset, dtype, functools.partial(selective_scan_triton, segments=segments))
 
 
+@pytest.mark.parametrize("segments", [1, 3])
+def test_backward_with_its_own_channel_tile_matches_reference(monkeypatch, segments):
+    """CONFIG["bwd_block_d"]: the backward's programs cover fewer channels than the forward's (2 vs 4 here)."""
+    monkeypatch.setitem(CONFIG, "bwd_block_d", 2)
+    inputs, reset = scan_inputs(2, 19, 7, 3, torch.float32, seed=13, with_state=True, reset_rate=0.2)
+    check_matches_reference(inputs, reset, torch.float32, functools.partial(selective_scan_triton, segments=segments))
+
+
 def test_segmented_scan_reads_strided_views():
     """x and z as halves of one (batch, length, 2 * d_inner) tensor; segments longer than a chunk of states."""
     def scan_strided(x, z, **rest):

@@ -425,11 +425,12 @@ def _segment_length(length: int, programs: int, multiprocessors: int, block_t: i
 # stop at min_segment positions; a min_segment above the longest sequence turns them off.
 # benchmarks/gpu.py --sweep-segments on an H100 (bench-91m): full-warp channel tiles plus segments beat narrower
 # tiles (B4 x L8192 training 68K -> 141K bytes/s, B16 x L2048 107K -> 142K, 8K prefill 219K -> 295K).
-# bwd_prefetch: the backward's two walks load the next position's inputs (and scratch state) before this one's
-# arithmetic, as the forward does; interpreter-tested, NOT yet timed on a GPU (benchmarks/gpu.py --sweep-scan
-# compares it with the plain walks), so off by default.
+# bwd_block_d (None: the forward's tile) and bwd_prefetch (the backward's two walks load the next position's
+# inputs and scratch state before this one's arithmetic, as the forward does): interpreter-tested, NOT yet timed
+# on a GPU; benchmarks/gpu.py --sweep-scan compares them. Compiled offline for sm_90 (Triton 3.9, cuobjdump
+# -res-usage): the backward at BLOCK_D 32 takes 254 registers per thread (the forward 168), at 16 141, at 8 105.
 CONFIG = dict(BLOCK_T=16, BLOCK_D=32, fwd_warps=1, bwd_warps=1, programs_per_sm=8, min_block_d=32,
-              segment_programs_per_sm=32, min_segment=64, carry_warps=1, bwd_prefetch=False)
+              segment_programs_per_sm=32, min_segment=64, carry_warps=1, bwd_block_d=None, bwd_prefetch=False)
 
 
 def _row_strides(t: Tensor) -> tuple[int, int]:
@@ -520,6 +521,8 @@ class _SelectiveScanTriton(torch.autograd.Function):
         z_arg = x if z is None else z
         reset_arg = x if reset_i8 is None else reset_i8
         reset_strides = reset_i8.stride() if reset_i8 is not None else (0, 0)
+        # the backward's own channel tile (its state tiles need more registers than the forward's)
+        tiles = dict(tiles, BLOCK_D=CONFIG["bwd_block_d"] or tiles["BLOCK_D"])
         grid = (triton.cdiv(d_inner, tiles["BLOCK_D"]), rows)
         if n_segs > 1:  # the gradient leaving each segment's start, then the true gradient at every segment's end
             dstarts = torch.empty(rows, d_state, d_inner, device=x.device, dtype=torch.float32)
