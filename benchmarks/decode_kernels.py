@@ -22,7 +22,8 @@ from mambabyte.ops import triton_decode
 # one parameter at a time, in this order (the best value kept); programmatic dependent launch (Hopper) first,
 # as the best tiles may depend on it
 SWEEP = dict(pdl=[True], in_block_k=[64, 256], in_block_n=[16, 64], out_block_k=[256, 1024], out_block_n=[16, 64],
-             conv_block_k=[64, 256], conv_splits=[16, 32], scan_programs_per_sm=[1, 2, 8], warps=[2, 8])
+             conv_warps=[8], conv_block_k=[64, 256], conv_splits=[16, 32], scan_programs_per_sm=[1, 2, 8],
+             warps=[2, 8])
 HBM_BYTES_PER_S = 3.35e12  # H100 SXM datasheet
 
 

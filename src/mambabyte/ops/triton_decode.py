@@ -37,9 +37,11 @@ BLOCK_M = 16  # rows per program: tl.dot's smallest tile; decoding one row waste
 # GPU tiles, the fastest of benchmarks/decode_kernels.py's sweep on an H100 at bench-91m, batch 1 (batch 64 agreed
 # but for the scan's channel tile: the widest tile that still gives scan_programs_per_sm programs per SM)
 # pdl: programmatic dependent launch where the GPU and Triton have it; interpreter-tested only, NOT yet timed
-# (benchmarks/decode_kernels.py sweeps it), so off by default.
+# (benchmarks/decode_kernels.py sweeps it), so off by default. conv_warps: the conv + x_proj kernel's own warps
+# (None: ``warps``); benchmarks/kernel_resources.py shows it spilling 1.6 KB per thread at 4 warps, none at
+# 8 warps with conv_block_k 64 — not yet timed.
 CONFIG = dict(in_block_n=32, in_block_k=128, out_block_n=16, out_block_k=512, conv_block_k=128, conv_splits=24,
-              scan_programs_per_sm=4, warps=4, pdl=False)
+              scan_programs_per_sm=4, warps=4, conv_warps=None, pdl=False)
 
 
 def _precision(weight: Tensor) -> str:
@@ -294,7 +296,8 @@ def block_span(hidden: Tensor, norm_weight: Tensor, eps: float, in_proj_weight: 
         xz, conv_state.contiguous(), conv_weight.contiguous(), conv_bias,
         x_proj_weight.contiguous(), xc, parts, conv_out, M, span, d_inner, n_out, per_split,
         KCONV=kernel, KEEP_STATES=keep_states, BLOCK_M=BLOCK_M, BLOCK_K=block_k, BLOCK_R=_blocks(n_out),
-        PRECISION=_precision(x_proj_weight), num_warps=CONFIG["warps"], **_launch(hidden.device))
+        PRECISION=_precision(x_proj_weight), num_warps=CONFIG["conv_warps"] or CONFIG["warps"],
+        **_launch(hidden.device))
     y = torch.empty(M, d_inner, device=hidden.device, dtype=dtype)
     block_d = _scan_block_d(batch, d_inner, hidden.device)
     _scan_kernel[(batch, triton.cdiv(d_inner, block_d))](
