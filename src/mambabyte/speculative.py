@@ -12,8 +12,8 @@ The context is read first as plain decoding reads a prompt (``generate.read_byte
 judge the first draft (no carry yet): greedy output then matches plain decoding bit for bit in bf16 too,
 where a step and a prompt read round differently.
 
-A round costs one byte-model call and one transfer from the device for the verdict, and yields the kept
-bytes plus one. Greedy decoding gives exactly the byte model's greedy output. With sampling, a drafted
+A round costs one byte-model call (at most) and one transfer from the device for the verdict, and yields
+the kept bytes plus one. Greedy decoding gives exactly the byte model's greedy output. With sampling, a drafted
 byte x is kept with probability p(x) (the byte model's probability, after temperature/top-k/top-p/min-p),
 and on rejection the byte is drawn from p with x removed and renormalised: since the draft does not depend
 on the verifier's coins, this is speculative sampling with a point-mass proposal and the output follows p.
@@ -42,7 +42,8 @@ from mambabyte.subword import TOKENIZER_FILE, SubwordTokenizer
 
 @dataclass
 class SpeculativeStats:
-    """What decoding did. ``byte_model_calls``: calls while decoding (one per round), the prompt's read not counted."""
+    """What decoding did. ``byte_model_calls``: calls while decoding (one per round, none in a first round that
+    drafted nothing), the prompt's read not counted."""
 
     rounds: int = 0
     drafted_bytes: int = 0
@@ -166,9 +167,10 @@ class SpeculativeDecoder:
             tokens, piece = self._draft(pending)
             piece = piece[: max_bytes - produced - 1]  # the round adds one byte of its own
             span = carry + piece
-            logits = self.verifier.read(span) if span else first_logits[:0]
-            if not carry:
-                logits = torch.cat([first_logits[None], logits])
+            if carry:
+                logits = self.verifier.read(span)
+            else:  # the first round: the context's last logits judge the first drafted byte
+                logits = torch.cat([first_logits[None], self.verifier.read(span)]) if span else first_logits[None]
             kept, correction = self._verify(logits, piece)
             if len(carry) + kept:
                 self.verifier.rollback(len(carry) + kept - 1)  # after the old carry and the kept bytes

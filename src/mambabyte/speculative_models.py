@@ -267,7 +267,6 @@ class GraphByteVerifier(ByteVerifier):
 
     def __init__(self, model: nn.Module, capture: GraphCapture, dtype: torch.dtype | None = None):
         super().__init__(model, dtype)
-        self.state = model.init_state(1)
         self._capture = capture
         self._graphs: dict[int, tuple[Tensor, torch.cuda.CUDAGraph, tuple[Tensor, list]]] = {}
         self._pool = None
@@ -276,7 +275,10 @@ class GraphByteVerifier(ByteVerifier):
 
     def start(self, context: bytes) -> Tensor:
         logits, state = read_bytes(self.model, _ids(context, self.device), dtype=self.dtype)
-        _copy(self.state, state)
+        if self.state is None:  # the buffer takes the dtypes a read gives (bf16 conv window under bf16 autocast)
+            self.state = state
+        else:
+            _copy(self.state, state)
         return logits[0]
 
     def _graph(self, length: int):

@@ -36,8 +36,9 @@ from mambabyte.ops.triton_scan import interpreting, sigmoid, softplus, total
 BLOCK_M = 16  # rows per program: tl.dot's smallest tile; decoding one row wastes the rest, the weights dominate
 # GPU tiles, the fastest of benchmarks/decode_kernels.py's sweep on an H100 at bench-91m, batch 1 (batch 64 agreed
 # but for the scan's channel tile: the widest tile that still gives scan_programs_per_sm programs per SM)
-# pdl: programmatic dependent launch where the GPU and Triton have it; interpreter-tested only, NOT yet timed
-# (benchmarks/decode_kernels.py sweeps it), so off by default. conv_warps: the conv + x_proj kernel's own warps
+# pdl: programmatic dependent launch where the GPU and Triton have it (never under the interpreter); checked
+# on CUDA by tests/test_cuda_paths.py, NOT yet run nor timed on a GPU (benchmarks/decode_kernels.py sweeps it),
+# so off by default. conv_warps: the conv + x_proj kernel's own warps
 # (None: ``warps``); benchmarks/kernel_resources.py shows it spilling 1.6 KB per thread at 4 warps, none at
 # 8 warps with conv_block_k 64 — not yet timed.
 CONFIG = dict(in_block_n=32, in_block_k=128, out_block_n=16, out_block_k=512, conv_block_k=128, conv_splits=24,
@@ -274,6 +275,7 @@ def block_span(hidden: Tensor, norm_weight: Tensor, eps: float, in_proj_weight: 
     dt_rank, d_state = dt_proj_weight.shape[1], A_log.shape[1]
     n_out = x_proj_weight.shape[0]
     M = batch * span
+    launch = _launch(hidden.device)
     rows = hidden.reshape(M, d_model).float().contiguous()
     xz = norm_linear(rows, norm_weight, eps, in_proj_weight)
     dtype = in_proj_weight.dtype
@@ -296,19 +298,17 @@ def block_span(hidden: Tensor, norm_weight: Tensor, eps: float, in_proj_weight: 
         xz, conv_state.contiguous(), conv_weight.contiguous(), conv_bias,
         x_proj_weight.contiguous(), xc, parts, conv_out, M, span, d_inner, n_out, per_split,
         KCONV=kernel, KEEP_STATES=keep_states, BLOCK_M=BLOCK_M, BLOCK_K=block_k, BLOCK_R=_blocks(n_out),
-        PRECISION=_precision(x_proj_weight), num_warps=CONFIG["conv_warps"] or CONFIG["warps"],
-        **_launch(hidden.device))
+        PRECISION=_precision(x_proj_weight), num_warps=CONFIG["conv_warps"] or CONFIG["warps"], **launch)
     y = torch.empty(M, d_inner, device=hidden.device, dtype=dtype)
     block_d = _scan_block_d(batch, d_inner, hidden.device)
     _scan_kernel[(batch, triton.cdiv(d_inner, block_d))](
         xz, xc, parts, dt_proj_weight.contiguous(), dt_bias, A_log.contiguous(), D,
         ssm_state.float().contiguous(), y, ssm_out, M, span, d_inner, dt_rank, d_state, n_out, splits,
         KEEP_STATES=keep_states, BLOCK_D=block_d, BLOCK_R=_blocks(dt_rank),
-        BLOCK_N=max(2, triton.next_power_of_2(d_state)), num_warps=4, **_launch(hidden.device))
+        BLOCK_N=max(2, triton.next_power_of_2(d_state)), num_warps=4, **launch)
     out = torch.empty_like(rows)
     block_n = CONFIG["out_block_n"]
     _out_proj_kernel[(triton.cdiv(M, BLOCK_M), triton.cdiv(d_model, block_n))](
         y, out_proj_weight.contiguous(), rows, out, M, d_inner, d_model, BLOCK_M=BLOCK_M, BLOCK_N=block_n,
-        BLOCK_K=CONFIG["out_block_k"], PRECISION=_precision(out_proj_weight), num_warps=CONFIG["warps"],
-        **_launch(hidden.device))
+        BLOCK_K=CONFIG["out_block_k"], PRECISION=_precision(out_proj_weight), num_warps=CONFIG["warps"], **launch)
     return out.reshape(batch, span, d_model), conv_out, ssm_out
