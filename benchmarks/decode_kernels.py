@@ -85,6 +85,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 64])
     parser.add_argument("--no-sweep", action="store_true")
+    parser.add_argument("--prefill-lengths", type=int, nargs="+", default=[8192],
+                        help="prompt lengths to profile (1025: a 1K prompt plus the separator, as generate reads it)")
     args = parser.parse_args()
     torch.manual_seed(0)
     model = build_model(presets_for("mambabyte")["bench-91m"]).to("cuda", torch.bfloat16).eval()
@@ -98,7 +100,8 @@ def main() -> None:
             print(f"\n| batch {batch} | {took:.1f} us/step | {batch / took * 1e6:,.0f} bytes/s | "
                   f"HBM limit {limit:.1f} us/step ({batch / limit * 1e6:,.0f} bytes/s) |")
             kernel_table(model, batch)
-        prefill_table(model)
+        for length in args.prefill_lengths:
+            prefill_table(model, length)
 
 
 if __name__ == "__main__":
