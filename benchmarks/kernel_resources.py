@@ -26,13 +26,15 @@ from mambabyte.ops import triton_decode, triton_scan
 
 SCAN_POINTERS = {name: "*bf16" for name in ("x_ptr", "dt_ptr", "B_ptr", "C_ptr", "z_ptr", "y_ptr", "dy_ptr",
                                              "dx_ptr", "ddt_ptr", "dz_ptr", "chunk_states_ptr")} | {"reset_ptr": "*i8"}
-SCAN = dict(HAS_Z=True, HAS_RESET=True, BLOCK_T=16, BLOCK_N=16)
+SCAN = dict(HAS_Z=True, HAS_RESET=False, BLOCK_T=16, BLOCK_N=16)  # as benchmarks/gpu.py trains: no document resets
 DECODE_POINTERS = {name: "*bf16" for name in ("w_ptr", "norm_ptr", "y_ptr", "wx_ptr", "wdt_ptr", "conv_w_ptr",
                                                "conv_b_ptr", "conv_state_ptr", "conv_out_ptr")}
-# (name, kernel, constexprs, warps): bf16 training tiles for the scan, bench-91m decoding tiles
+# (name, kernel, constexprs, warps[, pointer types]): bf16 training tiles for the scan, bench-91m decoding tiles
 VARIANTS = [
     *[(f"scan forward, BLOCK_D {d}", triton_scan._scan_fwd_kernel,
        dict(SCAN, BLOCK_D=d, HAS_H0=True, SAVE_STATES=True, CARRY_PASS=False), 1) for d in (32, 16)],
+    ("scan forward, BLOCK_D 32, fp32 saved states", triton_scan._scan_fwd_kernel,
+     dict(SCAN, BLOCK_D=32, HAS_H0=True, SAVE_STATES=True, CARRY_PASS=False), 1, {"chunk_states_ptr": "*fp32"}),
     *[(f"scan backward, BLOCK_D {d}{', prefetch' if prefetch else ''}", triton_scan._scan_bwd_kernel,
        dict(SCAN, BLOCK_D=d, PREFETCH=prefetch), 1) for d in (32, 16, 8) for prefetch in (False, True)],
     ("decode norm + in_proj", triton_decode._norm_linear_kernel,
@@ -80,8 +82,9 @@ def resources(cubin: bytes) -> dict:
                 instructions=sum(ops.values()), **{op: ops[op] for op in COUNTED})
 
 
-def compile_variant(kernel, constexprs: dict, warps: int, arch: int) -> dict:
+def compile_variant(kernel, constexprs: dict, warps: int, arch: int, pointer_types: dict | None = None) -> dict:
     pointers = SCAN_POINTERS if kernel in (triton_scan._scan_fwd_kernel, triton_scan._scan_bwd_kernel) else DECODE_POINTERS
+    pointers = {**pointers, **(pointer_types or {})}
     source = triton.compiler.ASTSource(fn=kernel, signature=signature(kernel, constexprs, pointers),
                                        constexprs=constexprs)
     compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=warps))
@@ -96,10 +99,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"triton {triton.__version__}, sm_{args.arch}; static instruction counts (not executed counts)\n")
     print("| kernel | warps | registers | local bytes | instructions | " + " | ".join(COUNTED) + " |")
     print("|---|---:|---:|---:|---:|" + "---:|" * len(COUNTED))
-    for name, kernel, constexprs, warps in VARIANTS:
+    for name, kernel, constexprs, warps, *pointer_types in VARIANTS:
         if args.only not in name:
             continue
-        found = compile_variant(kernel, constexprs, warps, args.arch)
+        found = compile_variant(kernel, constexprs, warps, args.arch, *pointer_types)
         counts = " | ".join(str(found[op]) for op in COUNTED)
         print(f"| {name} | {warps} | {found['registers']} | {found['local_bytes']} | {found['instructions']} | "
               f"{counts} |", flush=True)

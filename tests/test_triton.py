@@ -103,6 +103,13 @@ def test_backward_with_prefetch_matches_reference(monkeypatch, segments, dtype, 
     check_matches_reference(inputs, reset, dtype, functools.partial(selective_scan_triton, segments=segments))
 
 
+def test_bf16_inputs_with_fp32_saved_states_match_reference(monkeypatch):
+    """CONFIG["bf16_states"] off: bf16 training keeps fp32 chunk states (more memory, the session-2 layout)."""
+    monkeypatch.setitem(CONFIG, "bf16_states", False)
+    inputs, reset = scan_inputs(2, 19, 6, 3, torch.bfloat16, seed=17, with_state=True, reset_rate=0.2)
+    check_matches_reference(inputs, reset, torch.bfloat16, functools.partial(selective_scan_triton, segments=2))
+
+
 @pytest.mark.parametrize("segments", [1, 3])
 def test_backward_with_its_own_channel_tile_matches_reference(monkeypatch, segments):
     """CONFIG["bwd_block_d"]: the backward's programs cover fewer channels than the forward's (2 vs 4 here)."""

@@ -429,8 +429,11 @@ def _segment_length(length: int, programs: int, multiprocessors: int, block_t: i
 # inputs and scratch state before this one's arithmetic, as the forward does): interpreter-tested, NOT yet timed
 # on a GPU; benchmarks/gpu.py --sweep-scan compares them. Compiled offline for sm_90 (Triton 3.9, cuobjdump
 # -res-usage): the backward at BLOCK_D 32 takes 254 registers per thread (the forward 168), at 16 141, at 8 105.
+# bf16_states: saved chunk states in bf16 for bf16 inputs (-2.4 GB at B4 x L8192, measured; without resets the
+# forward then compiles to 168 registers instead of 143, benchmarks/kernel_resources.py: the sweep times it).
 CONFIG = dict(BLOCK_T=16, BLOCK_D=32, fwd_warps=1, bwd_warps=1, programs_per_sm=8, min_block_d=32,
-              segment_programs_per_sm=32, min_segment=64, carry_warps=1, bwd_block_d=None, bwd_prefetch=False)
+              segment_programs_per_sm=32, min_segment=64, carry_warps=1, bwd_block_d=None, bwd_prefetch=False,
+              bf16_states=True)
 
 
 def _row_strides(t: Tensor) -> tuple[int, int]:
@@ -481,8 +484,9 @@ class _SelectiveScanTriton(torch.autograd.Function):
         y = torch.empty(batch, length, d_inner, device=x.device, dtype=x.dtype)
         ends = torch.empty(rows, d_state, d_inner, device=x.device, dtype=torch.float32)
         # the states the backward restarts from, kept in the inputs' precision (bf16 training: half the memory)
+        bf16_states = x.dtype == torch.bfloat16 and CONFIG["bf16_states"]
         chunk_states = torch.empty(rows, triton.cdiv(seg_len, tiles["BLOCK_T"]) if save else 0, d_state, d_inner,
-                                   device=x.device, dtype=x.dtype if x.dtype == torch.bfloat16 else torch.float32)
+                                   device=x.device, dtype=torch.bfloat16 if bf16_states else torch.float32)
         decay = torch.empty_like(ends) if n_segs > 1 else None  # per segment: the product of a_t over it
         grid = (triton.cdiv(d_inner, tiles["BLOCK_D"]), rows)
         z_arg = x if z is None else z
