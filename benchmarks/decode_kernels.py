@@ -39,8 +39,8 @@ def hbm_limit_microseconds(model, batch: int) -> float:
 
 def sweep(model, batch: int) -> None:
     best = step_microseconds(model, batch)
-    print(f"\nbatch {batch}: start {triton_decode.CONFIG} -> {best:.1f} us/step; programmatic dependent launch "
-          f"{'available' if triton_decode._pdl_supported(torch.device('cuda')) else 'NOT available (pdl=True is a no-op)'}")
+    pdl = "available" if triton_decode._pdl_supported(torch.device("cuda")) else "NOT available (pdl=True is a no-op)"
+    print(f"\nbatch {batch}: start {triton_decode.CONFIG} -> {best:.1f} us/step; programmatic dependent launch {pdl}")
     for name, values in SWEEP.items():
         kept = triton_decode.CONFIG[name]
         for value in values:

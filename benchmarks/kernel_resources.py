@@ -83,8 +83,8 @@ def resources(cubin: bytes) -> dict:
 
 
 def compile_variant(kernel, constexprs: dict, warps: int, arch: int, pointer_types: dict | None = None) -> dict:
-    pointers = SCAN_POINTERS if kernel in (triton_scan._scan_fwd_kernel, triton_scan._scan_bwd_kernel) else DECODE_POINTERS
-    pointers = {**pointers, **(pointer_types or {})}
+    scan = kernel in (triton_scan._scan_fwd_kernel, triton_scan._scan_bwd_kernel)
+    pointers = {**(SCAN_POINTERS if scan else DECODE_POINTERS), **(pointer_types or {})}
     source = triton.compiler.ASTSource(fn=kernel, signature=signature(kernel, constexprs, pointers),
                                        constexprs=constexprs)
     compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=warps))

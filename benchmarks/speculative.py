@@ -191,7 +191,8 @@ def main() -> None:
     if args.phases:
         decoder = SpeculativeDecoder(byte_model, drafter, tokenizer, args.draft_len[0], None, dtype=dtype)
         speculative_decoding(decoder, contexts, args.max_bytes, device)  # captures the graphs
-        print(f"\nGreedy, draft len {args.draft_len[0]}: milliseconds per round\n\n| part of a round | ms |\n|---|---:|")
+        print(f"\nGreedy, draft len {args.draft_len[0]}: milliseconds per round\n")
+        print("| part of a round | ms |\n|---|---:|")
         for name, ms in round_phases(decoder, contexts, args.max_bytes, device).items():
             print(f"| {name} | {ms:.3f} |")
 
