@@ -19,11 +19,14 @@ from gpu import decode_rate  # benchmarks/gpu.py, beside this script
 from mambabyte.architectures import build_model, presets_for
 from mambabyte.ops import triton_decode
 
-# one parameter at a time, in this order (the best value kept); programmatic dependent launch (Hopper) first,
-# as the best tiles may depend on it
-SWEEP = dict(pdl=[True], in_block_k=[64, 256], in_block_n=[16, 64], out_block_k=[256, 1024], out_block_n=[16, 64],
-             conv_warps=[8], conv_block_k=[64, 256], conv_splits=[16, 32], scan_programs_per_sm=[1, 2, 8],
-             warps=[2, 8])
+# one parameter at a time, in this order, the best value kept. SHARED tiles set each row's arithmetic (the
+# reduction order), so they are the same at every batch (a verification span must give the bits of single
+# steps): scored by the summed relative time over all batches. PER_ROWS tiles do not change a row's bits, so
+# batch 1 keeps its own (CONFIG) and larger batches theirs (MANY_ROWS). Programmatic dependent launch first,
+# as the best tiles may depend on it.
+SHARED = dict(pdl=[True, False], in_block_k=[64, 128, 256], out_block_k=[256, 512, 1024], conv_block_k=[64, 128, 256],
+              conv_splits=[16, 24, 32], warps=[2, 4, 8], conv_warps=[None, 8])
+PER_ROWS = dict(in_block_n=[16, 32, 64], out_block_n=[16, 32, 64], scan_programs_per_sm=[1, 2, 4, 8])
 HBM_BYTES_PER_S = 3.35e12  # H100 SXM datasheet
 
 
@@ -37,26 +40,49 @@ def hbm_limit_microseconds(model, batch: int) -> float:
     return (weights + 2 * state) / HBM_BYTES_PER_S * 1e6  # the state is read and written
 
 
-def sweep(model, batch: int) -> None:
-    best = step_microseconds(model, batch)
+def tiles(batch: int) -> dict:
+    """The dict of PER_ROWS tiles a decoding step at this batch reads (one row per sequence)."""
+    return triton_decode.CONFIG if batch <= triton_decode.BLOCK_M else triton_decode.MANY_ROWS
+
+
+def timed(model, batches: list[int]) -> list[float]:
+    """us/step at each batch under the current tiles (inf where a tile does not compile or fit)."""
+    try:
+        return [step_microseconds(model, batch) for batch in batches]
+    except Exception as error:  # a tile that does not compile or fit
+        print(f"    failed: {str(error).splitlines()[0][:80]}")
+        return [float("inf")] * len(batches)
+
+
+def sweep_one(model, table: dict, name: str, values: list, batches: list[int]) -> None:
+    """Try each value of one tile (in ``table``), keep the one with the least summed time relative to the first."""
+    kept = table.get(name, triton_decode.CONFIG[name])
+    base = timed(model, batches)
+    best, best_score = kept, float(len(batches))
+    print(f"  {name}={kept}: " + ", ".join(f"{t:.1f}" for t in base) + " us/step")
+    for value in values:
+        if value == kept:
+            continue
+        table[name] = value
+        took = timed(model, batches)
+        score = sum(t / b for t, b in zip(took, base))
+        print(f"  {name}={value}: " + ", ".join(f"{t:.1f}" for t in took) + f" us/step (relative {score / len(batches):.3f})")
+        if score < best_score:
+            best, best_score = value, score
+    table[name] = best
+
+
+def sweep(model, batches: list[int]) -> None:
     pdl = "available" if triton_decode._pdl_supported(torch.device("cuda")) else "NOT available (pdl=True is a no-op)"
-    print(f"\nbatch {batch}: start {triton_decode.CONFIG} -> {best:.1f} us/step; programmatic dependent launch {pdl}")
-    for name, values in SWEEP.items():
-        kept = triton_decode.CONFIG[name]
-        for value in values:
-            if value == kept:
-                continue
-            triton_decode.CONFIG[name] = value
-            try:
-                took = step_microseconds(model, batch)
-            except Exception as error:  # a tile that does not compile or fit: skip it
-                print(f"  {name}={value}: failed ({str(error).splitlines()[0][:80]})")
-                continue
-            print(f"  {name}={value}: {took:.1f} us")
-            if took < best:
-                best, kept = took, value
-        triton_decode.CONFIG[name] = kept
-    print(f"batch {batch}: best {triton_decode.CONFIG} -> {best:.1f} us/step")
+    print(f"\nprogrammatic dependent launch {pdl}; start: CONFIG {triton_decode.CONFIG}, MANY_ROWS {triton_decode.MANY_ROWS}")
+    print(f"shared tiles, us/step at batches {batches}:")
+    for name, values in SHARED.items():
+        sweep_one(model, triton_decode.CONFIG, name, values, batches)
+    for batch in batches:
+        print(f"tiles of batch {batch}:")
+        for name, values in PER_ROWS.items():
+            sweep_one(model, tiles(batch), name, values, [batch])
+    print(f"best: CONFIG {triton_decode.CONFIG}, MANY_ROWS {triton_decode.MANY_ROWS}")
 
 
 def kernel_table(model, batch: int) -> None:
@@ -92,9 +118,9 @@ def main() -> None:
     model = build_model(presets_for("mambabyte")["bench-91m"]).to("cuda", torch.bfloat16).eval()
     print(f"device: {torch.cuda.get_device_name()}")
     with torch.no_grad():
+        if not args.no_sweep:
+            sweep(model, args.batches)
         for batch in args.batches:
-            if not args.no_sweep:
-                sweep(model, batch)
             took = step_microseconds(model, batch)
             limit = hbm_limit_microseconds(model, batch)
             print(f"\n| batch {batch} | {took:.1f} us/step | {batch / took * 1e6:,.0f} bytes/s | "

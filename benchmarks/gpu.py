@@ -211,13 +211,9 @@ def training_rate(arch: str, batch: int, length: int, steps: int = 6) -> tuple[f
 SCAN_POLICIES = (  # ops.triton_scan.CONFIG overrides compared by --sweep-scan
     dict(),  # the defaults
     dict(BLOCK_T=32),  # fewer saved chunk states: less memory, a longer recompute window in the backward
-    dict(bf16_states=False),  # fp32 saved states (as in session 2's 142K bytes/s): +2.4 GB
-    dict(bwd_prefetch=True),  # the backward's walks load the next position before this one's arithmetic
-    dict(bwd_block_d=16),  # narrower backward tiles: 141 registers per thread, not 254 (more warps per SM)
-    dict(bwd_block_d=16, bwd_prefetch=True),
-    dict(bwd_block_d=8),
-    dict(BLOCK_D=16, min_block_d=16),  # both directions on 16-channel tiles (forward 86 registers, not 168)
-    dict(bwd_prefetch=True, BLOCK_T=8),  # a smaller recompute scratch (more saved states)
+    dict(BLOCK_T=8),  # a smaller recompute scratch (more saved states)
+    dict(bf16_states=False),  # fp32 saved states: +2.4 GB
+    dict(BLOCK_D=16, min_block_d=16),  # both directions on 16-channel tiles
 )
 
 

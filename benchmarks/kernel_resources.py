@@ -35,17 +35,16 @@ VARIANTS = [
        dict(SCAN, BLOCK_D=d, HAS_H0=True, SAVE_STATES=True, CARRY_PASS=False), 1) for d in (32, 16)],
     ("scan forward, BLOCK_D 32, fp32 saved states", triton_scan._scan_fwd_kernel,
      dict(SCAN, BLOCK_D=32, HAS_H0=True, SAVE_STATES=True, CARRY_PASS=False), 1, {"chunk_states_ptr": "*fp32"}),
-    *[(f"scan backward, BLOCK_D {d}{', prefetch' if prefetch else ''}", triton_scan._scan_bwd_kernel,
-       dict(SCAN, BLOCK_D=d, PREFETCH=prefetch), 1) for d in (32, 16, 8) for prefetch in (False, True)],
+    *[(f"scan backward, BLOCK_D {d}", triton_scan._scan_bwd_kernel, dict(SCAN, BLOCK_D=d), 1) for d in (32, 16)],
     ("decode norm + in_proj", triton_decode._norm_linear_kernel,
-     dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, PRECISION="tf32", USE_PDL=False), 4),
+     dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, PRECISION="tf32", USE_PDL=False), 4),
     *[(f"decode conv + x_proj, BLOCK_K {block_k}", triton_decode._conv_x_proj_kernel,
        dict(KCONV=4, KEEP_STATES=False, BLOCK_M=16, BLOCK_K=block_k, BLOCK_R=128, PRECISION="tf32", USE_PDL=False),
        warps) for block_k, warps in ((128, 4), (64, 8))],
     ("decode scan", triton_decode._scan_kernel,
      dict(KEEP_STATES=False, BLOCK_D=16, BLOCK_R=64, BLOCK_N=16, USE_PDL=False), 4),
     ("decode out_proj + residual", triton_decode._out_proj_kernel,
-     dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=512, PRECISION="tf32", USE_PDL=False), 4),
+     dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, PRECISION="tf32", USE_PDL=False), 4),
 ]
 COUNTED = ("FFMA", "FMUL", "FADD", "MUFU", "SHFL", "LDG", "STG", "REDG", "LDS", "STS", "BAR")
 TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"

@@ -94,10 +94,9 @@ def test_segmented_scan_matches_reference(segments, dtype, with_state, resets):
 
 @pytest.mark.parametrize(("segments", "dtype", "with_gate"), [(1, torch.float32, True), (3, torch.float32, False),
                                                          (4, torch.bfloat16, True)])
-def test_backward_with_prefetch_matches_reference(monkeypatch, segments, dtype, with_gate):
-    """CONFIG["bwd_prefetch"]: the backward's walks load each next position early; every gradient unchanged,
-    over chunk and segment edges (19 positions, chunks of 8), resets and an initial state."""
-    monkeypatch.setitem(CONFIG, "bwd_prefetch", True)
+def test_backward_over_chunk_and_segment_edges_matches_reference(segments, dtype, with_gate):
+    """The backward's walks load each next position early: every gradient over chunk and segment edges
+    (19 positions, chunks of 8), with resets and an initial state."""
     inputs, reset = scan_inputs(2, 19, 6, 3, dtype, seed=5 + segments, with_state=True, reset_rate=0.2)
     inputs = inputs if with_gate else {**inputs, "z": None}
     check_matches_reference(inputs, reset, dtype, functools.partial(selective_scan_triton, segments=segments))
@@ -108,14 +107,6 @@ def test_bf16_inputs_with_fp32_saved_states_match_reference(monkeypatch):
     monkeypatch.setitem(CONFIG, "bf16_states", False)
     inputs, reset = scan_inputs(2, 19, 6, 3, torch.bfloat16, seed=17, with_state=True, reset_rate=0.2)
     check_matches_reference(inputs, reset, torch.bfloat16, functools.partial(selective_scan_triton, segments=2))
-
-
-@pytest.mark.parametrize("segments", [1, 3])
-def test_backward_with_its_own_channel_tile_matches_reference(monkeypatch, segments):
-    """CONFIG["bwd_block_d"]: the backward's programs cover fewer channels than the forward's (2 vs 4 here)."""
-    monkeypatch.setitem(CONFIG, "bwd_block_d", 2)
-    inputs, reset = scan_inputs(2, 19, 7, 3, torch.float32, seed=13, with_state=True, reset_rate=0.2)
-    check_matches_reference(inputs, reset, torch.float32, functools.partial(selective_scan_triton, segments=segments))
 
 
 def test_segmented_scan_reads_strided_views():

@@ -34,16 +34,19 @@ from torch import Tensor
 from mambabyte.ops.triton_scan import interpreting, sigmoid, softplus, total
 
 BLOCK_M = 16  # rows per program: tl.dot's smallest tile; decoding one row wastes the rest, the weights dominate
-# GPU tiles, the fastest of benchmarks/decode_kernels.py's sweep on an H100 at bench-91m, batch 1 (batch 64 agreed
-# but for the scan's channel tile: the widest tile that still gives scan_programs_per_sm programs per SM)
-# pdl: programmatic dependent launch where the GPU and Triton have it (never under the interpreter); checked
-# on CUDA by tests/test_cuda_paths.py, NOT yet run nor timed on a GPU (benchmarks/decode_kernels.py sweeps it),
-# so off by default. conv_warps: the conv + x_proj kernel's own warps
-# (None: ``warps``); benchmarks/kernel_resources.py shows it spilling 1.6 KB per thread at 4 warps, none at
-# 8 warps with conv_block_k 64 — not yet timed.
-CONFIG = dict(in_block_n=32, in_block_k=128, out_block_n=16, out_block_k=512, conv_block_k=128, conv_splits=24,
-              scan_programs_per_sm=4, warps=4, conv_warps=None, pdl=False)
+# GPU tiles from benchmarks/decode_kernels.py's sweep on an H100 at bench-91m, bf16 (session 4): CONFIG, with
+# MANY_ROWS over it for launches over more rows than BLOCK_M (batch 64). MANY_ROWS may only hold tiles that
+# leave each row's arithmetic unchanged (output tile widths, the scan's programs), so that a span's rows give
+# the bits of single steps. pdl: programmatic dependent launch where the GPU and Triton have it (never under the
+# interpreter): 528 -> 501 us/step at batch 1. conv_warps: the conv + x_proj kernel's own warps (None: ``warps``).
+CONFIG = dict(in_block_n=32, in_block_k=256, out_block_n=64, out_block_k=256, conv_block_k=128, conv_splits=32,
+              scan_programs_per_sm=1, warps=4, conv_warps=None, pdl=True)
+MANY_ROWS = dict(in_block_n=64, scan_programs_per_sm=2)
 
+
+def _tiles(rows: int) -> dict:
+    """The tiles of a launch over ``rows`` (batch x span) rows."""
+    return {**CONFIG, **MANY_ROWS} if rows > BLOCK_M else CONFIG
 
 def _precision(weight: Tensor) -> str:
     """How tl.dot multiplies: fp32 weights get full-precision products (no TF32), as PyTorch's matmul gives
@@ -216,11 +219,11 @@ def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _scan_block_d(batch: int, d_inner: int, device: torch.device) -> int:
+def _scan_block_d(batch: int, d_inner: int, programs_per_sm: int, device: torch.device) -> int:
     """Channels per scan program: the widest tile that keeps the GPU busy (tiny under the interpreter)."""
     if interpreting():
         return 4
-    wanted = CONFIG["scan_programs_per_sm"] * _multiprocessors(device)
+    wanted = programs_per_sm * _multiprocessors(device)
     return next((block for block in (128, 64, 32) if batch * triton.cdiv(d_inner, block) >= wanted), 16)
 
 
@@ -250,11 +253,11 @@ def norm_linear(hidden: Tensor, norm_weight: Tensor, eps: float, weight: Tensor)
     rows = hidden.reshape(-1, hidden.shape[-1]).float().contiguous()
     (M, K), N = rows.shape, weight.shape[0]
     out = torch.empty(M, N, device=hidden.device, dtype=torch.float32)
-    block_n = CONFIG["in_block_n"]
-    grid = (triton.cdiv(M, BLOCK_M), triton.cdiv(N, block_n))
+    tiles = _tiles(M)
+    grid = (triton.cdiv(M, BLOCK_M), triton.cdiv(N, tiles["in_block_n"]))
     _norm_linear_kernel[grid](rows, norm_weight.to(weight.dtype), weight.contiguous(), out, M, K, N, eps,
-                              BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_K=CONFIG["in_block_k"],
-                              PRECISION=_precision(weight), num_warps=CONFIG["warps"], **_launch(hidden.device))
+                              BLOCK_M=BLOCK_M, BLOCK_N=tiles["in_block_n"], BLOCK_K=tiles["in_block_k"],
+                              PRECISION=_precision(weight), num_warps=tiles["warps"], **_launch(hidden.device))
     return out.reshape(*hidden.shape[:-1], N)
 
 
@@ -279,9 +282,10 @@ def block_span(hidden: Tensor, norm_weight: Tensor, eps: float, in_proj_weight: 
     rows = hidden.reshape(M, d_model).float().contiguous()
     xz = norm_linear(rows, norm_weight, eps, in_proj_weight)
     dtype = in_proj_weight.dtype
-    block_k = CONFIG["conv_block_k"]
+    tiles = _tiles(M)
+    block_k = tiles["conv_block_k"]
     chunks = triton.cdiv(d_inner, block_k)
-    splits = min(CONFIG["conv_splits"], chunks)
+    splits = min(tiles["conv_splits"], chunks)
     per_split = triton.cdiv(chunks, splits) * block_k
     splits = triton.cdiv(d_inner, per_split)
     states_shape = (batch, span) if keep_states else (batch,)
@@ -298,17 +302,16 @@ def block_span(hidden: Tensor, norm_weight: Tensor, eps: float, in_proj_weight: 
         xz, conv_state.contiguous(), conv_weight.contiguous(), conv_bias,
         x_proj_weight.contiguous(), xc, parts, conv_out, M, span, d_inner, n_out, per_split,
         KCONV=kernel, KEEP_STATES=keep_states, BLOCK_M=BLOCK_M, BLOCK_K=block_k, BLOCK_R=_blocks(n_out),
-        PRECISION=_precision(x_proj_weight), num_warps=CONFIG["conv_warps"] or CONFIG["warps"], **launch)
+        PRECISION=_precision(x_proj_weight), num_warps=tiles["conv_warps"] or tiles["warps"], **launch)
     y = torch.empty(M, d_inner, device=hidden.device, dtype=dtype)
-    block_d = _scan_block_d(batch, d_inner, hidden.device)
+    block_d = _scan_block_d(batch, d_inner, tiles["scan_programs_per_sm"], hidden.device)
     _scan_kernel[(batch, triton.cdiv(d_inner, block_d))](
         xz, xc, parts, dt_proj_weight.contiguous(), dt_bias, A_log.contiguous(), D,
         ssm_state.float().contiguous(), y, ssm_out, M, span, d_inner, dt_rank, d_state, n_out, splits,
         KEEP_STATES=keep_states, BLOCK_D=block_d, BLOCK_R=_blocks(dt_rank),
         BLOCK_N=max(2, triton.next_power_of_2(d_state)), num_warps=4, **launch)
     out = torch.empty_like(rows)
-    block_n = CONFIG["out_block_n"]
-    _out_proj_kernel[(triton.cdiv(M, BLOCK_M), triton.cdiv(d_model, block_n))](
-        y, out_proj_weight.contiguous(), rows, out, M, d_inner, d_model, BLOCK_M=BLOCK_M, BLOCK_N=block_n,
-        BLOCK_K=CONFIG["out_block_k"], PRECISION=_precision(out_proj_weight), num_warps=CONFIG["warps"], **launch)
+    _out_proj_kernel[(triton.cdiv(M, BLOCK_M), triton.cdiv(d_model, tiles["out_block_n"]))](
+        y, out_proj_weight.contiguous(), rows, out, M, d_inner, d_model, BLOCK_M=BLOCK_M, BLOCK_N=tiles["out_block_n"],
+        BLOCK_K=tiles["out_block_k"], PRECISION=_precision(out_proj_weight), num_warps=tiles["warps"], **launch)
     return out.reshape(batch, span, d_model), conv_out, ssm_out

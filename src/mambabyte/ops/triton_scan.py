@@ -278,7 +278,7 @@ def _scan_bwd_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, dt_bias_ptr, z_p
                      length, seg_len, n_segs, d_inner, d_state,
                      stride_xb, stride_xl, stride_dtb, stride_dtl, stride_Bb, stride_Bl, stride_Cb, stride_Cl,
                      stride_zb, stride_zl, stride_rb, stride_rl,
-                     HAS_Z: tl.constexpr, HAS_RESET: tl.constexpr, PREFETCH: tl.constexpr,
+                     HAS_Z: tl.constexpr, HAS_RESET: tl.constexpr,
                      BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
     """Chunks in reverse: recompute the chunk's states into this program's scratch, then walk it backwards.
 
@@ -311,54 +311,40 @@ def _scan_bwd_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, dt_bias_ptr, z_p
         end = tl.minimum(start + BLOCK_T, seg_length)
         h = tl.load(chunk_states_ptr + (pid_b * chunks_per_row + chunk) * d_inner * d_state + nd, mask=mask_nd,
                     other=0.0).to(tl.float32)
-        if PREFETCH:  # each walk loads the position it visits next before this one's arithmetic
-            x, dt, Bt, Ct, z, starts = _load_position(
+        # each walk loads the position it visits next before this one's arithmetic (the loads' latency hidden:
+        # B16 x L2048 training 129K -> 164K bytes/s on an H100)
+        x, dt, Bt, Ct, z, starts = _load_position(
                 start, offs_d, mask_d, offs_n, mask_n, row, seg_length, x_ptr, dt_ptr, B_ptr, C_ptr, z_ptr,
                 reset_ptr, dt_bias, stride_xb, stride_xl, stride_dtb, stride_dtl, stride_Bb, stride_Bl, stride_Cb,
                 stride_Cl, stride_zb, stride_zl, stride_rb, stride_rl, HAS_Z, HAS_RESET)
         for t in range(start, end):
-            if PREFETCH:
-                x_next, dt_next, B_next, C_next, z_next, starts_next = _load_position(
-                    t + 1, offs_d, mask_d, offs_n, mask_n, row, seg_length, x_ptr, dt_ptr, B_ptr, C_ptr, z_ptr,
-                    reset_ptr, dt_bias, stride_xb, stride_xl, stride_dtb, stride_dtl, stride_Bb, stride_Bl,
-                    stride_Cb, stride_Cl, stride_zb, stride_zl, stride_rb, stride_rl, HAS_Z, HAS_RESET)
-            else:
-                x, dt, Bt, Ct, z, starts = _load_position(
-                    t, offs_d, mask_d, offs_n, mask_n, row, seg_length, x_ptr, dt_ptr, B_ptr, C_ptr, z_ptr,
-                    reset_ptr, dt_bias, stride_xb, stride_xl, stride_dtb, stride_dtl, stride_Bb, stride_Bl,
-                    stride_Cb, stride_Cl, stride_zb, stride_zl, stride_rb, stride_rl, HAS_Z, HAS_RESET)
+            x_next, dt_next, B_next, C_next, z_next, starts_next = _load_position(
+                t + 1, offs_d, mask_d, offs_n, mask_n, row, seg_length, x_ptr, dt_ptr, B_ptr, C_ptr, z_ptr,
+                reset_ptr, dt_bias, stride_xb, stride_xl, stride_dtb, stride_dtl, stride_Bb, stride_Bl, stride_Cb,
+                stride_Cl, stride_zb, stride_zl, stride_rb, stride_rl, HAS_Z, HAS_RESET)
             delta = softplus(dt)
             a = tl.exp(delta[None, :] * A)
             if HAS_RESET:
                 a = tl.where(starts[:, None], 0.0, a)
             h = a * h + (delta * x)[None, :] * Bt[:, None]
             tl.store(scratch + (t - start) * BLOCK_N * BLOCK_D + tile, h)  # read back by this same thread
-            if PREFETCH:
-                x, dt, Bt, Ct, z, starts = x_next, dt_next, B_next, C_next, z_next, starts_next
-        if PREFETCH:
-            x, dt, Bt, Ct, z, starts = _load_position(
+            x, dt, Bt, Ct, z, starts = x_next, dt_next, B_next, C_next, z_next, starts_next
+        x, dt, Bt, Ct, z, starts = _load_position(
                 end - 1, offs_d, mask_d, offs_n, mask_n, row, seg_length, x_ptr, dt_ptr, B_ptr, C_ptr, z_ptr,
                 reset_ptr, dt_bias, stride_xb, stride_xl, stride_dtb, stride_dtl, stride_Bb, stride_Bl, stride_Cb,
                 stride_Cl, stride_zb, stride_zl, stride_rb, stride_rl, HAS_Z, HAS_RESET)
-            dy = _load_dy(dy_ptr, first, end - 1, 0, d_inner, offs_d, mask_d)
-            h = tl.load(scratch + (end - 1 - start) * BLOCK_N * BLOCK_D + tile)
+        dy = _load_dy(dy_ptr, first, end - 1, 0, d_inner, offs_d, mask_d)
+        h = tl.load(scratch + (end - 1 - start) * BLOCK_N * BLOCK_D + tile)
         for back in range(0, end - start):
             t = end - 1 - back
-            if PREFETCH:  # position t - 1: in this chunk's scratch, or (t == start) left for the next chunk
-                x_next, dt_next, B_next, C_next, z_next, starts_next = _load_position(
-                    t - 1, offs_d, mask_d, offs_n, mask_n, row, seg_length, x_ptr, dt_ptr, B_ptr, C_ptr, z_ptr,
-                    reset_ptr, dt_bias, stride_xb, stride_xl, stride_dtb, stride_dtl, stride_Bb, stride_Bl,
-                    stride_Cb, stride_Cl, stride_zb, stride_zl, stride_rb, stride_rl, HAS_Z, HAS_RESET)
-                dy_next = _load_dy(dy_ptr, first, t - 1, start, d_inner, offs_d, mask_d)
-                h_next = tl.load(scratch + (t - 1 - start) * BLOCK_N * BLOCK_D + tile,
-                                 mask=(tile * 0 + t - 1) >= start, other=0.0)
-            else:
-                x, dt, Bt, Ct, z, starts = _load_position(
-                    t, offs_d, mask_d, offs_n, mask_n, row, seg_length, x_ptr, dt_ptr, B_ptr, C_ptr, z_ptr,
-                    reset_ptr, dt_bias, stride_xb, stride_xl, stride_dtb, stride_dtl, stride_Bb, stride_Bl,
-                    stride_Cb, stride_Cl, stride_zb, stride_zl, stride_rb, stride_rl, HAS_Z, HAS_RESET)
-                dy = _load_dy(dy_ptr, first, t, start, d_inner, offs_d, mask_d)
-                h = tl.load(scratch + (t - start) * BLOCK_N * BLOCK_D + tile)
+            # position t - 1: in this chunk's scratch, or (t == start) left for the next chunk
+            x_next, dt_next, B_next, C_next, z_next, starts_next = _load_position(
+                t - 1, offs_d, mask_d, offs_n, mask_n, row, seg_length, x_ptr, dt_ptr, B_ptr, C_ptr, z_ptr,
+                reset_ptr, dt_bias, stride_xb, stride_xl, stride_dtb, stride_dtl, stride_Bb, stride_Bl, stride_Cb,
+                stride_Cl, stride_zb, stride_zl, stride_rb, stride_rl, HAS_Z, HAS_RESET)
+            dy_next = _load_dy(dy_ptr, first, t - 1, start, d_inner, offs_d, mask_d)
+            h_next = tl.load(scratch + (t - 1 - start) * BLOCK_N * BLOCK_D + tile,
+                             mask=(tile * 0 + t - 1) >= start, other=0.0)
             delta = softplus(dt)
             a = tl.exp(delta[None, :] * A)
             if HAS_RESET:
@@ -384,8 +370,7 @@ def _scan_bwd_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, dt_bias_ptr, z_p
             tl.atomic_add(dB_ptr + tn, total(g * (delta * x)[None, :], axis=1), mask=mask_n, sem="relaxed")
             tl.atomic_add(dC_ptr + tn, total(h * dy[None, :], axis=1), mask=mask_n, sem="relaxed")
             flowing = a * g
-            if PREFETCH:
-                x, dt, Bt, Ct, z, starts, dy, h = x_next, dt_next, B_next, C_next, z_next, starts_next, dy_next, h_next
+            x, dt, Bt, Ct, z, starts, dy, h = x_next, dt_next, B_next, C_next, z_next, starts_next, dy_next, h_next
     tl.store(dh0_ptr + state_offset + nd, flowing, mask=mask_nd)
     tl.store(dA_ptr + state_offset + nd, dA, mask=mask_nd)
     tl.store(dD_ptr + pid_b * d_inner + offs_d, dD, mask=mask_d)
@@ -425,15 +410,12 @@ def _segment_length(length: int, programs: int, multiprocessors: int, block_t: i
 # stop at min_segment positions; a min_segment above the longest sequence turns them off.
 # benchmarks/gpu.py --sweep-segments on an H100 (bench-91m): full-warp channel tiles plus segments beat narrower
 # tiles (B4 x L8192 training 68K -> 141K bytes/s, B16 x L2048 107K -> 142K, 8K prefill 219K -> 295K).
-# bwd_block_d (None: the forward's tile) and bwd_prefetch (the backward's two walks load the next position's
-# inputs and scratch state before this one's arithmetic, as the forward does): interpreter-tested, NOT yet timed
-# on a GPU; benchmarks/gpu.py --sweep-scan compares them. Compiled offline for sm_90 (Triton 3.9, cuobjdump
-# -res-usage): the backward at BLOCK_D 32 takes 254 registers per thread (the forward 168), at 16 141, at 8 105.
-# bf16_states: saved chunk states in bf16 for bf16 inputs (-2.4 GB at B4 x L8192, measured; without resets the
-# forward then compiles to 168 registers instead of 143, benchmarks/kernel_resources.py: the sweep times it).
+# benchmarks/gpu.py --sweep-scan on an H100 (session 4): narrower backward tiles lose although they take fewer
+# registers (16 channels: 141 instead of 254 per thread; training 129K -> 80K bytes/s), so both directions
+# share BLOCK_D. bf16_states: saved chunk states in bf16 for bf16 inputs: 2.4 GB less at B4 x L8192 (23.0 vs
+# 25.4 GB), training 4% slower (129K vs 134K bytes/s at B16 x L2048).
 CONFIG = dict(BLOCK_T=16, BLOCK_D=32, fwd_warps=1, bwd_warps=1, programs_per_sm=8, min_block_d=32,
-              segment_programs_per_sm=32, min_segment=64, carry_warps=1, bwd_block_d=None, bwd_prefetch=False,
-              bf16_states=True)
+              segment_programs_per_sm=32, min_segment=64, carry_warps=1, bf16_states=True)
 
 
 def _row_strides(t: Tensor) -> tuple[int, int]:
@@ -525,8 +507,6 @@ class _SelectiveScanTriton(torch.autograd.Function):
         z_arg = x if z is None else z
         reset_arg = x if reset_i8 is None else reset_i8
         reset_strides = reset_i8.stride() if reset_i8 is not None else (0, 0)
-        # the backward's own channel tile (its state tiles need more registers than the forward's)
-        tiles = dict(tiles, BLOCK_D=CONFIG["bwd_block_d"] or tiles["BLOCK_D"])
         grid = (triton.cdiv(d_inner, tiles["BLOCK_D"]), rows)
         if n_segs > 1:  # the gradient leaving each segment's start, then the true gradient at every segment's end
             dstarts = torch.empty(rows, d_state, d_inner, device=x.device, dtype=torch.float32)
@@ -553,8 +533,7 @@ class _SelectiveScanTriton(torch.autograd.Function):
             chunk_states, dy, dfinal, dx, ddt, dx if dz is None else dz, dB, dC, dA, dD, ddt_bias, dh0, scratch,
             length, seg_len, n_segs, d_inner, d_state,
             *_row_strides(x), *_row_strides(dt), *_row_strides(B), *_row_strides(C), *_row_strides(z_arg),
-            *reset_strides, HAS_Z=z is not None, HAS_RESET=reset_i8 is not None, PREFETCH=CONFIG["bwd_prefetch"],
-            num_warps=CONFIG["bwd_warps"], **tiles)
+            *reset_strides, HAS_Z=z is not None, HAS_RESET=reset_i8 is not None, num_warps=CONFIG["bwd_warps"], **tiles)
         dh0 = dh0.view(batch, n_segs, d_state, d_inner)[:, 0]
         return (dx, ddt, dA.sum(0).t(), dB.to(B.dtype), dC.to(C.dtype), dD.sum(0), ddt_bias.sum(0), dz,
                 dh0.transpose(1, 2) if has_h0 else None, None, None)
