@@ -2,7 +2,8 @@
 
 For batch 1 and 64: the time of one ``model.step`` replayed from a CUDA graph, beside the HBM limit (every
 weight and state byte read once per step), a one-parameter-at-a-time sweep of the kernel tiles (keeping
-the best), and the device time of each kernel of one block; then the kernels of an 8K-byte prefill.
+the best), and the device time of each kernel of one block; then the wall time and profile (host and device)
+of reading 1K- and 8K-byte prompts through ``Decoder.start``.
 
     PYTHONPATH=src python3 benchmarks/decode_kernels.py
 """
@@ -10,6 +11,7 @@ the best), and the device time of each kernel of one block; then the kernels of 
 from __future__ import annotations
 
 import argparse
+import time
 
 import torch
 from torch.utils._pytree import tree_leaves
@@ -17,6 +19,7 @@ from torch.utils._pytree import tree_leaves
 from gpu import decode_rate  # benchmarks/gpu.py, beside this script
 
 from mambabyte.architectures import build_model, presets_for
+from mambabyte.generate import Decoder, Sampling
 from mambabyte.ops import triton_decode
 
 # one parameter at a time, in this order, the best value kept. SHARED tiles set each row's arithmetic (the
@@ -97,22 +100,36 @@ def kernel_table(model, batch: int) -> None:
     print(profile.key_averages().table(sort_by="cuda_time_total", row_limit=8, max_name_column_width=40))
 
 
-def prefill_table(model, length: int = 8192) -> None:
-    ids = torch.randint(0, 256, (1, length), device="cuda")
-    model(ids, return_state=True)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
-        model(ids, return_state=True)
+def prefill_table(model, length: int) -> None:
+    """The user's path (``Decoder.start``) over a prompt of ``length`` bytes: wall time per call, then the
+    profile of one call by host time (where a short prompt's time goes) and by device time."""
+    prompt = bytes(torch.randint(32, 127, (length - 1,)).tolist())  # start adds the 1-byte separator
+    start = lambda: Decoder(model, Sampling(), [0]).start([prompt])  # noqa: E731
+    start()
+    times = []
+    for _ in range(3):
         torch.cuda.synchronize()
-    print(f"\nkernels of one prefill of {length} bytes, batch 1")
-    print(profile.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=50))
+        begin = time.perf_counter()
+        start()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - begin)
+    print(f"\nprefill of {length} bytes through Decoder.start, batch 1: "
+          + ", ".join(f"{1e3 * t:.1f} ms" for t in times) + f" ({length / min(times):,.0f} bytes/s)")
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as profile:
+        start()
+        torch.cuda.synchronize()
+    averages = profile.key_averages()
+    for key in ("cpu_time_total", "cuda_time_total"):
+        print(averages.table(sort_by=key, row_limit=12, max_name_column_width=50))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 64])
     parser.add_argument("--no-sweep", action="store_true")
-    parser.add_argument("--prefill-lengths", type=int, nargs="+", default=[8192],
-                        help="prompt lengths to profile (1025: a 1K prompt plus the separator, as generate reads it)")
+    parser.add_argument("--prefill-lengths", type=int, nargs="+", default=[1025, 8193],
+                        help="context lengths to time and profile (1025: a 1K prompt plus the separator)")
     args = parser.parse_args()
     torch.manual_seed(0)
     model = build_model(presets_for("mambabyte")["bench-91m"]).to("cuda", torch.bfloat16).eval()

@@ -107,6 +107,25 @@ def test_fused_forward_states_on_cuda_matches_cpu_and_equals_stepping(dtype):
 
 
 @cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_kernels_at_bench_size_fit_and_spans_equal_steps(dtype):
+    """At bench-91m (the real tiles and shared memory: fp32 weights take twice the bf16 tiles' bytes), a span
+    of 20 bytes at batch 2 (40 rows: the MANY_ROWS tiles) gives bit for bit what single steps give."""
+    from mambabyte.architectures import presets_for
+
+    torch.manual_seed(0)
+    model = build_model(presets_for("mambabyte")["bench-91m"]).eval().cuda().to(dtype)
+    ids = torch.randint(0, 256, (2, 28), device="cuda")
+    with torch.no_grad():
+        _, state = model(ids[:, :8], return_state=True)
+        logits, states = model.forward_states(ids[:, 8:], state)
+        for t in range(20):
+            step_logits, state = model.step(ids[:, 8 + t], state)
+            assert torch.equal(step_logits, logits[:, t]), t
+        assert all(torch.equal(got.ssm, want.ssm) for got, want in zip(state, model.state_at(states, 19)))
+
+
+@cuda
 def test_decode_kernels_with_programmatic_dependent_launch_give_the_same_bits(monkeypatch):
     """CONFIG["pdl"] (each kernel launched while the previous runs, waiting before it reads an activation): the
     same logits and states, bit for bit, eagerly and replayed from a CUDA graph of in-place steps."""

@@ -244,6 +244,15 @@ def _launch(device: torch.device) -> dict:
     return dict(USE_PDL=True, launch_pdl=True) if use else dict(USE_PDL=False)
 
 
+PIPELINED_BYTES = 180 * 1024  # shared memory for a kernel's pipelined tiles (an H100 block has 227 KB; the rest
+# goes to layout conversions): fp32 weights at bench-91m need fewer stages than Triton's default 3
+
+
+def _stages(bytes_per_stage: int) -> int:
+    """Software-pipeline stages for a K loop whose tiles take ``bytes_per_stage`` of shared memory."""
+    return max(1, min(3, PIPELINED_BYTES // bytes_per_stage))
+
+
 def _blocks(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
@@ -254,10 +263,12 @@ def norm_linear(hidden: Tensor, norm_weight: Tensor, eps: float, weight: Tensor)
     (M, K), N = rows.shape, weight.shape[0]
     out = torch.empty(M, N, device=hidden.device, dtype=torch.float32)
     tiles = _tiles(M)
-    grid = (triton.cdiv(M, BLOCK_M), triton.cdiv(N, tiles["in_block_n"]))
-    _norm_linear_kernel[grid](rows, norm_weight.to(weight.dtype), weight.contiguous(), out, M, K, N, eps,
-                              BLOCK_M=BLOCK_M, BLOCK_N=tiles["in_block_n"], BLOCK_K=tiles["in_block_k"],
-                              PRECISION=_precision(weight), num_warps=tiles["warps"], **_launch(hidden.device))
+    block_n, block_k = tiles["in_block_n"], tiles["in_block_k"]
+    stages = _stages(((BLOCK_M + block_n) * weight.element_size() + BLOCK_M * 4) * block_k)
+    _norm_linear_kernel[(triton.cdiv(M, BLOCK_M), triton.cdiv(N, block_n))](
+        rows, norm_weight.to(weight.dtype), weight.contiguous(), out, M, K, N, eps, BLOCK_M=BLOCK_M, BLOCK_N=block_n,
+        BLOCK_K=block_k, PRECISION=_precision(weight), num_warps=tiles["warps"], num_stages=stages,
+        **_launch(hidden.device))
     return out.reshape(*hidden.shape[:-1], N)
 
 
@@ -298,11 +309,13 @@ def block_span(hidden: Tensor, norm_weight: Tensor, eps: float, in_proj_weight: 
         ssm_out = torch.empty(*states_shape, d_inner, d_state, device=hidden.device, dtype=torch.float32)
     xc = torch.empty(M, d_inner, device=hidden.device, dtype=torch.float32)
     parts = torch.empty(splits, M, n_out, device=hidden.device, dtype=torch.float32)
+    block_r = _blocks(n_out)
     _conv_x_proj_kernel[(triton.cdiv(M, BLOCK_M), splits)](
         xz, conv_state.contiguous(), conv_weight.contiguous(), conv_bias,
         x_proj_weight.contiguous(), xc, parts, conv_out, M, span, d_inner, n_out, per_split,
-        KCONV=kernel, KEEP_STATES=keep_states, BLOCK_M=BLOCK_M, BLOCK_K=block_k, BLOCK_R=_blocks(n_out),
-        PRECISION=_precision(x_proj_weight), num_warps=tiles["conv_warps"] or tiles["warps"], **launch)
+        KCONV=kernel, KEEP_STATES=keep_states, BLOCK_M=BLOCK_M, BLOCK_K=block_k, BLOCK_R=block_r,
+        PRECISION=_precision(x_proj_weight), num_warps=tiles["conv_warps"] or tiles["warps"],
+        num_stages=_stages((block_r * x_proj_weight.element_size() + BLOCK_M * 4) * block_k), **launch)
     y = torch.empty(M, d_inner, device=hidden.device, dtype=dtype)
     block_d = _scan_block_d(batch, d_inner, tiles["scan_programs_per_sm"], hidden.device)
     _scan_kernel[(batch, triton.cdiv(d_inner, block_d))](
@@ -311,7 +324,9 @@ def block_span(hidden: Tensor, norm_weight: Tensor, eps: float, in_proj_weight: 
         KEEP_STATES=keep_states, BLOCK_D=block_d, BLOCK_R=_blocks(dt_rank),
         BLOCK_N=max(2, triton.next_power_of_2(d_state)), num_warps=4, **launch)
     out = torch.empty_like(rows)
-    _out_proj_kernel[(triton.cdiv(M, BLOCK_M), triton.cdiv(d_model, tiles["out_block_n"]))](
-        y, out_proj_weight.contiguous(), rows, out, M, d_inner, d_model, BLOCK_M=BLOCK_M, BLOCK_N=tiles["out_block_n"],
-        BLOCK_K=tiles["out_block_k"], PRECISION=_precision(out_proj_weight), num_warps=tiles["warps"], **launch)
+    block_n, block_k = tiles["out_block_n"], tiles["out_block_k"]
+    _out_proj_kernel[(triton.cdiv(M, BLOCK_M), triton.cdiv(d_model, block_n))](
+        y, out_proj_weight.contiguous(), rows, out, M, d_inner, d_model, BLOCK_M=BLOCK_M, BLOCK_N=block_n,
+        BLOCK_K=block_k, PRECISION=_precision(out_proj_weight), num_warps=tiles["warps"],
+        num_stages=_stages((BLOCK_M + block_n) * block_k * out_proj_weight.element_size()), **launch)
     return out.reshape(batch, span, d_model), conv_out, ssm_out
