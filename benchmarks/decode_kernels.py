@@ -20,6 +20,8 @@ from gpu import decode_rate  # benchmarks/gpu.py, beside this script
 
 from mambabyte.architectures import build_model, presets_for
 from mambabyte.generate import Decoder, Sampling
+from mambabyte.ops.causal_conv import causal_conv1d
+from mambabyte.ops.dispatch import selective_scan
 from mambabyte.ops import triton_decode
 
 # one parameter at a time, in this order, the best value kept. SHARED tiles set each row's arithmetic (the
@@ -124,6 +126,35 @@ def prefill_table(model, length: int) -> None:
         print(averages.table(sort_by=key, row_limit=12, max_name_column_width=50))
 
 
+def host_microseconds(call, repeats: int = 30) -> float:
+    """Host time per call of ``call`` enqueued back to back (the device queue does not fill: small inputs)."""
+    call()
+    torch.cuda.synchronize()
+    begin = time.perf_counter()
+    for _ in range(repeats):
+        call()
+    seconds = time.perf_counter() - begin
+    torch.cuda.synchronize()
+    return 1e6 * seconds / repeats
+
+
+def launch_overhead(model) -> None:
+    """Host time of a forward and of its pieces on 16 bytes (a prompt's read is host-bound when it is short)."""
+    d_inner, d_state = model.config.d_inner, model.config.d_state
+    ids = torch.randint(0, 256, (1, 16), device="cuda")
+    x, dt, z = (torch.randn(1, 16, d_inner, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    B, C = (torch.randn(1, 16, d_state, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    A, D, bias = -torch.rand(d_inner, d_state, device="cuda"), torch.ones(d_inner, device="cuda"), torch.zeros(d_inner, device="cuda")
+    conv_w = torch.randn(d_inner, 1, 4, device="cuda", dtype=torch.bfloat16)
+    rows = [(f"model forward, 16 bytes ({model.config.n_layer} layers)", lambda: model(ids, return_state=True)),
+            ("selective_scan (triton), 16 positions", lambda: selective_scan(x, dt, A, B, C, D, bias, z=z)),
+            ("causal_conv1d (triton), 16 positions", lambda: causal_conv1d(x, conv_w, conv_w[:, 0, 0])),
+            ("torch add (one kernel)", lambda: x + 1)]
+    print("\n| host time per call | us |\n|---|---:|")
+    for name, call in rows:
+        print(f"| {name} | {host_microseconds(call):,.1f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 64])
@@ -145,6 +176,7 @@ def main() -> None:
             kernel_table(model, batch)
         for length in args.prefill_lengths:
             prefill_table(model, length)
+        launch_overhead(model)
 
 
 if __name__ == "__main__":

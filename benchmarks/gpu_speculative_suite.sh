@@ -22,10 +22,10 @@ mb tokenizer train --data $CORPUS/train --vocab-size 4096 --out $RUNS/tok | tee 
 mb train --data $CORPUS/train --valid-data $CORPUS/valid --preset draft-wide --tokenizer $RUNS/tok --out $RUNS/draft \
    --overwrite --batch-size 32 --seq-len 512 --lr 2e-3 --warmup-steps 30 --max-steps "$DRAFT_STEPS" --eval-every 0 \
    --save-every 0 --quiet 2>&1 | tee "$OUT/draft_train.txt"
-python3 benchmarks/speculative.py $RUNS/byte/checkpoint $RUNS/draft/checkpoint --draft-len 3 2 6 --phases 2>&1 \
+python3 benchmarks/speculative.py $RUNS/byte/checkpoint $RUNS/draft/checkpoint --draft-len 2 1 3 --phases 2>&1 \
    | tee "$OUT/speculative.txt"
 python3 benchmarks/speculative.py $RUNS/byte/checkpoint $RUNS/draft/checkpoint --dtype float32 --prompts 4 \
-   --max-bytes 128 --draft-len 4 2>&1 | tee "$OUT/speculative_fp32.txt"
+   --max-bytes 128 --draft-len 2 2>&1 | tee "$OUT/speculative_fp32.txt"
 [ -n "${SPECULATIVE_ONLY:-}" ] && exit 0
 mb robustness --byte $RUNS/byte/checkpoint --subword $RUNS/draft/checkpoint --data $CORPUS/valid \
    --max-bytes 65536 --markdown "$OUT/robustness.md" --plot "$OUT/robustness.png" --quiet 2>&1 | tee "$OUT/robustness.txt"

@@ -31,18 +31,18 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from mambabyte.ops.triton_scan import interpreting, sigmoid, softplus, total
+from mambabyte.ops.triton_scan import interpreting, multiprocessors, sigmoid, softplus, total
 
 BLOCK_M = 16  # rows per program: tl.dot's smallest tile; decoding one row wastes the rest, the weights dominate
-# GPU tiles from benchmarks/decode_kernels.py's sweep on an H100 at bench-91m, bf16 (session 4): CONFIG, with
-# MANY_ROWS over it for launches over more rows than BLOCK_M (batch 64). MANY_ROWS may only hold tiles that
-# leave each row's arithmetic unchanged (output tile widths, the scan's programs), so that a span's rows give
-# the bits of single steps. pdl: programmatic dependent launch where the GPU and Triton have it (never under the
-# interpreter): 528 -> 501 us/step at batch 1. conv_warps: the conv + x_proj kernel's own warps (None: ``warps``).
-CONFIG = dict(in_block_n=32, in_block_k=256, out_block_n=64, out_block_k=256, conv_block_k=128, conv_splits=32,
-              scan_programs_per_sm=1, warps=4, conv_warps=None, pdl=True)
-MANY_ROWS = dict(in_block_n=64, scan_programs_per_sm=2)
-
+# GPU tiles from benchmarks/decode_kernels.py's sweep on an H100 at bench-91m, bf16 (session 4: 421 us/step at
+# batch 1, 825 at batch 64): CONFIG, with MANY_ROWS over it for launches over more rows than BLOCK_M (batch 64).
+# MANY_ROWS may only hold tiles that leave each row's arithmetic unchanged (output tile widths, the scan's
+# programs), so that a span's rows give the bits of single steps. pdl: programmatic dependent launch where the
+# GPU and Triton have it (never under the interpreter): 12% faster at batch 1 and 64. conv_warps: the conv +
+# x_proj kernel's own warps (None: ``warps``).
+CONFIG = dict(in_block_n=32, in_block_k=256, out_block_n=32, out_block_k=256, conv_block_k=128, conv_splits=24,
+              scan_programs_per_sm=4, warps=4, conv_warps=None, pdl=True)
+MANY_ROWS = dict(in_block_n=64, out_block_n=64, scan_programs_per_sm=4)
 
 def _tiles(rows: int) -> dict:
     """The tiles of a launch over ``rows`` (batch x span) rows."""
@@ -149,11 +149,31 @@ def _conv_x_proj_kernel(xz_ptr, conv_state_ptr, conv_w_ptr, conv_b_ptr, wx_ptr, 
 
 
 @triton.jit
+def _position_inputs(xz_ptr, xc_ptr, parts_ptr, m, M, d_inner, dt_rank, d_state, n_out, n_splits, offs_d, mask_d,
+                     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Row m's inputs to the state update: x, z (BLOCK_D,) and dt_proj's input, B, C summed over the conv
+    kernel's channel splits (one (BLOCK_S, width) load each, not a load per split)."""
+    splits = tl.arange(0, BLOCK_S)
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_n = tl.arange(0, BLOCK_N)
+    part = parts_ptr + (splits[:, None] * M + m) * n_out
+    mask_s = (splits < n_splits)[:, None]
+    dt_low = total(tl.load(part + offs_r[None, :], mask=mask_s & (offs_r < dt_rank)[None, :], other=0.0), axis=0)
+    mask_sn = mask_s & (offs_n < d_state)[None, :]
+    Bt = total(tl.load(part + dt_rank + offs_n[None, :], mask=mask_sn, other=0.0), axis=0)
+    Ct = total(tl.load(part + dt_rank + d_state + offs_n[None, :], mask=mask_sn, other=0.0), axis=0)
+    x = tl.load(xc_ptr + m * d_inner + offs_d, mask=mask_d, other=0.0)
+    z = tl.load(xz_ptr + m * 2 * d_inner + d_inner + offs_d, mask=mask_d, other=0.0)
+    return dt_low, Bt, Ct, x, z
+
+
+@triton.jit
 def _scan_kernel(xz_ptr, xc_ptr, parts_ptr, wdt_ptr, dt_bias_ptr, A_log_ptr, D_ptr, ssm_ptr, y_ptr, ssm_out_ptr,
                  M, span, d_inner, dt_rank, d_state, n_out, n_splits,
                  KEEP_STATES: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-                 USE_PDL: tl.constexpr):
-    """dt_proj, softplus, the state update, readout, D skip and gate for BLOCK_D channels of one sequence."""
+                 BLOCK_S: tl.constexpr, USE_PDL: tl.constexpr):
+    """dt_proj, softplus, the state update, readout, D skip and gate for BLOCK_D channels of one sequence;
+    each position's inputs are loaded before the previous position's arithmetic."""
     b = tl.program_id(0)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_r = tl.arange(0, BLOCK_R)
@@ -170,24 +190,21 @@ def _scan_kernel(xz_ptr, xc_ptr, parts_ptr, wdt_ptr, dt_bias_ptr, A_log_ptr, D_p
     dt_bias = tl.load(dt_bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     _wait_for_previous_kernel(USE_PDL)  # the parameters above are loaded while the previous kernel runs
     h = tl.load(ssm_ptr + b * d_inner * d_state + dn, mask=mask_dn, other=0.0)
+    dt_low, Bt, Ct, x, z = _position_inputs(xz_ptr, xc_ptr, parts_ptr, b * span, M, d_inner, dt_rank, d_state,
+                                            n_out, n_splits, offs_d, mask_d, BLOCK_R, BLOCK_N, BLOCK_S)
+    last = b * span + span - 1
     for t in range(0, span):
         m = b * span + t
-        dt_low = tl.full((BLOCK_R,), 0.0, tl.float32)
-        Bt = tl.full((BLOCK_N,), 0.0, tl.float32)
-        Ct = tl.full((BLOCK_N,), 0.0, tl.float32)
-        for s in range(0, n_splits):
-            part = parts_ptr + (s * M + m) * n_out
-            dt_low += tl.load(part + offs_r, mask=mask_r, other=0.0)
-            Bt += tl.load(part + dt_rank + offs_n, mask=mask_n, other=0.0)
-            Ct += tl.load(part + dt_rank + d_state + offs_n, mask=mask_n, other=0.0)
+        # the next position's inputs (the last position reads its own row again, unused)
+        next_inputs = _position_inputs(xz_ptr, xc_ptr, parts_ptr, tl.minimum(m + 1, last), M, d_inner, dt_rank,
+                                       d_state, n_out, n_splits, offs_d, mask_d, BLOCK_R, BLOCK_N, BLOCK_S)
         delta = softplus(total(w_dt * dt_low[None, :], axis=1) + dt_bias)
-        x = tl.load(xc_ptr + m * d_inner + offs_d, mask=mask_d, other=0.0)
-        z = tl.load(xz_ptr + m * 2 * d_inner + d_inner + offs_d, mask=mask_d, other=0.0)
         h = tl.exp(delta[:, None] * A) * h + (delta * x)[:, None] * Bt[None, :]
         y = (total(h * Ct[None, :], axis=1) + Dskip * x) * z * sigmoid(z)
         tl.store(y_ptr + m * d_inner + offs_d, y, mask=mask_d)
         if KEEP_STATES:
             tl.store(ssm_out_ptr + m * d_inner * d_state + dn, h, mask=mask_dn)
+        dt_low, Bt, Ct, x, z = next_inputs
     if not KEEP_STATES:
         tl.store(ssm_out_ptr + b * d_inner * d_state + dn, h, mask=mask_dn)
 
@@ -214,16 +231,11 @@ def _out_proj_kernel(y_ptr, w_ptr, h_ptr, out_ptr, M, K, N,
     tl.store(out_ptr + rows[:, None] * N + cols[None, :], residual + acc, mask=mask)
 
 
-@functools.cache
-def _multiprocessors(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def _scan_block_d(batch: int, d_inner: int, programs_per_sm: int, device: torch.device) -> int:
     """Channels per scan program: the widest tile that keeps the GPU busy (tiny under the interpreter)."""
     if interpreting():
         return 4
-    wanted = programs_per_sm * _multiprocessors(device)
+    wanted = programs_per_sm * multiprocessors(device)
     return next((block for block in (128, 64, 32) if batch * triton.cdiv(d_inner, block) >= wanted), 16)
 
 
@@ -322,7 +334,8 @@ def block_span(hidden: Tensor, norm_weight: Tensor, eps: float, in_proj_weight: 
         xz, xc, parts, dt_proj_weight.contiguous(), dt_bias, A_log.contiguous(), D,
         ssm_state.float().contiguous(), y, ssm_out, M, span, d_inner, dt_rank, d_state, n_out, splits,
         KEEP_STATES=keep_states, BLOCK_D=block_d, BLOCK_R=_blocks(dt_rank),
-        BLOCK_N=max(2, triton.next_power_of_2(d_state)), num_warps=4, **launch)
+        BLOCK_N=max(2, triton.next_power_of_2(d_state)), BLOCK_S=max(2, triton.next_power_of_2(splits)), num_warps=4,
+        **launch)
     out = torch.empty_like(rows)
     block_n, block_k = tiles["out_block_n"], tiles["out_block_k"]
     _out_proj_kernel[(triton.cdiv(M, BLOCK_M), triton.cdiv(d_model, block_n))](

@@ -28,6 +28,7 @@ Runs on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (how CI te
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -384,7 +385,7 @@ def _tiles(batch: int, d_inner: int, d_state: int, device: torch.device) -> dict
     if interpreting():
         return dict(BLOCK_T=8, BLOCK_D=4, BLOCK_N=block_n)
     block_d = min(CONFIG["BLOCK_D"], max(2, triton.next_power_of_2(d_inner)))
-    programs_wanted = CONFIG["programs_per_sm"] * torch.cuda.get_device_properties(device).multi_processor_count
+    programs_wanted = CONFIG["programs_per_sm"] * multiprocessors(device)
     while block_d > CONFIG["min_block_d"] and batch * triton.cdiv(d_inner, block_d) < programs_wanted:
         block_d //= 2
     return dict(BLOCK_T=CONFIG["BLOCK_T"], BLOCK_D=block_d, BLOCK_N=block_n)
@@ -416,6 +417,12 @@ def _segment_length(length: int, programs: int, multiprocessors: int, block_t: i
 # 25.4 GB), training 4% slower (129K vs 134K bytes/s at B16 x L2048).
 CONFIG = dict(BLOCK_T=16, BLOCK_D=32, fwd_warps=1, bwd_warps=1, programs_per_sm=8, min_block_d=32,
               segment_programs_per_sm=32, min_segment=64, carry_warps=1, bf16_states=True)
+
+
+@functools.cache
+def multiprocessors(device: torch.device) -> int:
+    """The GPU's multiprocessor count (cached: asked at every launch)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _row_strides(t: Tensor) -> tuple[int, int]:
@@ -454,7 +461,7 @@ class _SelectiveScanTriton(torch.autograd.Function):
             seg_len = length
         else:
             seg_len = _segment_length(length, batch * triton.cdiv(d_inner, tiles["BLOCK_D"]),
-                                      torch.cuda.get_device_properties(x.device).multi_processor_count,
+                                      multiprocessors(x.device),
                                       tiles["BLOCK_T"])
         n_segs = triton.cdiv(length, seg_len)
         rows = batch * n_segs  # one row of programs per segment
