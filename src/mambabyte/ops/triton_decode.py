@@ -149,31 +149,11 @@ def _conv_x_proj_kernel(xz_ptr, conv_state_ptr, conv_w_ptr, conv_b_ptr, wx_ptr, 
 
 
 @triton.jit
-def _position_inputs(xz_ptr, xc_ptr, parts_ptr, m, M, d_inner, dt_rank, d_state, n_out, n_splits, offs_d, mask_d,
-                     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr):
-    """Row m's inputs to the state update: x, z (BLOCK_D,) and dt_proj's input, B, C summed over the conv
-    kernel's channel splits (one (BLOCK_S, width) load each, not a load per split)."""
-    splits = tl.arange(0, BLOCK_S)
-    offs_r = tl.arange(0, BLOCK_R)
-    offs_n = tl.arange(0, BLOCK_N)
-    part = parts_ptr + (splits[:, None] * M + m) * n_out
-    mask_s = (splits < n_splits)[:, None]
-    dt_low = total(tl.load(part + offs_r[None, :], mask=mask_s & (offs_r < dt_rank)[None, :], other=0.0), axis=0)
-    mask_sn = mask_s & (offs_n < d_state)[None, :]
-    Bt = total(tl.load(part + dt_rank + offs_n[None, :], mask=mask_sn, other=0.0), axis=0)
-    Ct = total(tl.load(part + dt_rank + d_state + offs_n[None, :], mask=mask_sn, other=0.0), axis=0)
-    x = tl.load(xc_ptr + m * d_inner + offs_d, mask=mask_d, other=0.0)
-    z = tl.load(xz_ptr + m * 2 * d_inner + d_inner + offs_d, mask=mask_d, other=0.0)
-    return dt_low, Bt, Ct, x, z
-
-
-@triton.jit
 def _scan_kernel(xz_ptr, xc_ptr, parts_ptr, wdt_ptr, dt_bias_ptr, A_log_ptr, D_ptr, ssm_ptr, y_ptr, ssm_out_ptr,
                  M, span, d_inner, dt_rank, d_state, n_out, n_splits,
                  KEEP_STATES: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_S: tl.constexpr, USE_PDL: tl.constexpr):
-    """dt_proj, softplus, the state update, readout, D skip and gate for BLOCK_D channels of one sequence;
-    each position's inputs are loaded before the previous position's arithmetic."""
+                 USE_PDL: tl.constexpr):
+    """dt_proj, softplus, the state update, readout, D skip and gate for BLOCK_D channels of one sequence."""
     b = tl.program_id(0)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_r = tl.arange(0, BLOCK_R)
@@ -190,21 +170,24 @@ def _scan_kernel(xz_ptr, xc_ptr, parts_ptr, wdt_ptr, dt_bias_ptr, A_log_ptr, D_p
     dt_bias = tl.load(dt_bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     _wait_for_previous_kernel(USE_PDL)  # the parameters above are loaded while the previous kernel runs
     h = tl.load(ssm_ptr + b * d_inner * d_state + dn, mask=mask_dn, other=0.0)
-    dt_low, Bt, Ct, x, z = _position_inputs(xz_ptr, xc_ptr, parts_ptr, b * span, M, d_inner, dt_rank, d_state,
-                                            n_out, n_splits, offs_d, mask_d, BLOCK_R, BLOCK_N, BLOCK_S)
-    last = b * span + span - 1
     for t in range(0, span):
         m = b * span + t
-        # the next position's inputs (the last position reads its own row again, unused)
-        next_inputs = _position_inputs(xz_ptr, xc_ptr, parts_ptr, tl.minimum(m + 1, last), M, d_inner, dt_rank,
-                                       d_state, n_out, n_splits, offs_d, mask_d, BLOCK_R, BLOCK_N, BLOCK_S)
+        dt_low = tl.full((BLOCK_R,), 0.0, tl.float32)
+        Bt = tl.full((BLOCK_N,), 0.0, tl.float32)
+        Ct = tl.full((BLOCK_N,), 0.0, tl.float32)
+        for s in range(0, n_splits):
+            part = parts_ptr + (s * M + m) * n_out
+            dt_low += tl.load(part + offs_r, mask=mask_r, other=0.0)
+            Bt += tl.load(part + dt_rank + offs_n, mask=mask_n, other=0.0)
+            Ct += tl.load(part + dt_rank + d_state + offs_n, mask=mask_n, other=0.0)
         delta = softplus(total(w_dt * dt_low[None, :], axis=1) + dt_bias)
+        x = tl.load(xc_ptr + m * d_inner + offs_d, mask=mask_d, other=0.0)
+        z = tl.load(xz_ptr + m * 2 * d_inner + d_inner + offs_d, mask=mask_d, other=0.0)
         h = tl.exp(delta[:, None] * A) * h + (delta * x)[:, None] * Bt[None, :]
         y = (total(h * Ct[None, :], axis=1) + Dskip * x) * z * sigmoid(z)
         tl.store(y_ptr + m * d_inner + offs_d, y, mask=mask_d)
         if KEEP_STATES:
             tl.store(ssm_out_ptr + m * d_inner * d_state + dn, h, mask=mask_dn)
-        dt_low, Bt, Ct, x, z = next_inputs
     if not KEEP_STATES:
         tl.store(ssm_out_ptr + b * d_inner * d_state + dn, h, mask=mask_dn)
 
@@ -334,8 +317,7 @@ def block_span(hidden: Tensor, norm_weight: Tensor, eps: float, in_proj_weight: 
         xz, xc, parts, dt_proj_weight.contiguous(), dt_bias, A_log.contiguous(), D,
         ssm_state.float().contiguous(), y, ssm_out, M, span, d_inner, dt_rank, d_state, n_out, splits,
         KEEP_STATES=keep_states, BLOCK_D=block_d, BLOCK_R=_blocks(dt_rank),
-        BLOCK_N=max(2, triton.next_power_of_2(d_state)), BLOCK_S=max(2, triton.next_power_of_2(splits)), num_warps=4,
-        **launch)
+        BLOCK_N=max(2, triton.next_power_of_2(d_state)), num_warps=4, **launch)
     out = torch.empty_like(rows)
     block_n, block_k = tiles["out_block_n"], tiles["out_block_k"]
     _out_proj_kernel[(triton.cdiv(M, BLOCK_M), triton.cdiv(d_model, block_n))](
