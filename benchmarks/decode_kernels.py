@@ -3,7 +3,7 @@
 For batch 1 and 64: the time of one ``model.step`` replayed from a CUDA graph, beside the HBM limit (every
 weight and state byte read once per step), a one-parameter-at-a-time sweep of the kernel tiles (keeping
 the best), and the device time of each kernel of one block; then the wall time and profile (host and device)
-of reading 1K- and 8K-byte prompts through ``Decoder.start``.
+of reading 1K- and 8K-byte prompts through ``Decoder.start`` (eagerly and from prompt graphs).
 
     PYTHONPATH=src python3 benchmarks/decode_kernels.py
 """
@@ -18,6 +18,7 @@ from torch.utils._pytree import tree_leaves
 
 from gpu import decode_rate  # benchmarks/gpu.py, beside this script
 
+from mambabyte import cuda_graphs
 from mambabyte.architectures import build_model, presets_for
 from mambabyte.generate import Decoder, Sampling
 from mambabyte.ops.causal_conv import causal_conv1d
@@ -103,20 +104,24 @@ def kernel_table(model, batch: int) -> None:
 
 
 def prefill_table(model, length: int) -> None:
-    """The user's path (``Decoder.start``) over a prompt of ``length`` bytes: wall time per call, then the
-    profile of one call by host time (where a short prompt's time goes) and by device time."""
+    """The user's path (``Decoder.start``) over a prompt of ``length`` bytes: wall time per call, eagerly and
+    from prompt graphs (``cuda_graphs.GRAPH_PROMPTS``), then the eager call's profile by host time (where a
+    short prompt's time goes) and by device time."""
     prompt = bytes(torch.randint(32, 127, (length - 1,)).tolist())  # start adds the 1-byte separator
     start = lambda: Decoder(model, Sampling(), [0]).start([prompt])  # noqa: E731
-    start()
-    times = []
-    for _ in range(3):
-        torch.cuda.synchronize()
-        begin = time.perf_counter()
-        start()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - begin)
-    print(f"\nprefill of {length} bytes through Decoder.start, batch 1: "
-          + ", ".join(f"{1e3 * t:.1f} ms" for t in times) + f" ({length / min(times):,.0f} bytes/s)")
+    for graphs in (False, True):
+        cuda_graphs.GRAPH_PROMPTS = graphs
+        start()  # compiles, or captures the bucket's graph
+        times = []
+        for _ in range(3):
+            torch.cuda.synchronize()
+            begin = time.perf_counter()
+            start()
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - begin)
+        print(f"\nprefill of {length} bytes through Decoder.start, batch 1, {'prompt graphs' if graphs else 'eager'}: "
+              + ", ".join(f"{1e3 * t:.1f} ms" for t in times) + f" ({length / min(times):,.0f} bytes/s)")
+    cuda_graphs.GRAPH_PROMPTS = False
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=activities) as profile:
         start()

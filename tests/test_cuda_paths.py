@@ -285,3 +285,33 @@ def test_speculative_greedy_equals_plain_greedy_in_bf16(weights):
                 out = b"".join(speculative_stream(byte_model, drafter, one_merge, prompt, 300, draft_len=draft_len,
                                                   temperature=0, cuda_graph=graph))
                 assert out == plain, (prompt[:8], graph, draft_len)
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prompt_graphs_read_as_the_padded_eager_read(monkeypatch, dtype):
+    """GRAPH_PROMPTS: a context read from the graph of its bucket gives bit for bit what an eager read of the
+    same left-padded bytes with a reset at the first real byte gives, and close to the unpadded read; contexts
+    of one bucket share a graph without leaking into each other."""
+    from mambabyte import cuda_graphs
+    from mambabyte.generate import read_bytes
+
+    torch.manual_seed(0)
+    model = build_model(MambaByteConfig(d_model=256, n_layer=3)).eval().cuda().to(dtype)
+    monkeypatch.setattr(cuda_graphs, "GRAPH_PROMPTS", True)
+    for length in (1, 63, 64, 65, 300, 200):
+        ids = torch.randint(0, 256, (2, length), device="cuda")
+        logits, state = read_bytes(model, ids)
+        padding = cuda_graphs.bucket(length) - length
+        padded = torch.cat([torch.zeros(2, padding, dtype=torch.long, device="cuda"), ids], 1)
+        reset = torch.zeros_like(padded, dtype=torch.bool)
+        reset[:, padding] = True
+        monkeypatch.setattr(cuda_graphs, "GRAPH_PROMPTS", False)
+        want_logits, want_state = read_bytes(model, padded, reset=reset)
+        plain_logits, _ = read_bytes(model, ids)
+        monkeypatch.setattr(cuda_graphs, "GRAPH_PROMPTS", True)
+        assert torch.equal(logits, want_logits), length
+        for got, want in zip(state, want_state):
+            assert torch.equal(got.conv, want.conv) and torch.equal(got.ssm, want.ssm), length
+        tolerance = 1e-3 if dtype == torch.float32 else 0.15
+        assert (logits - plain_logits).abs().max() < tolerance, length

@@ -249,3 +249,10 @@ def test_prompt_chunks_follow_the_scan_backends_memory(model, monkeypatch, backe
     assert len(seen) == calls and sum(seen) == len(prompt) + 1
     expected = model(torch.tensor([list(b"\x00" + prompt)]))[0, -1]
     torch.testing.assert_close(decoder.logits[0], expected, atol=1e-4, rtol=1e-4)
+
+
+def test_prompt_buckets_are_powers_of_two_from_the_smallest():
+    from mambabyte.cuda_graphs import MIN_BUCKET, bucket
+
+    assert [bucket(n) for n in (1, MIN_BUCKET, MIN_BUCKET + 1, 1000, 1024, 1025)] == [
+        MIN_BUCKET, MIN_BUCKET, 2 * MIN_BUCKET, 1024, 1024, 2048]

@@ -266,7 +266,8 @@ def test_fixed_buffer_path_equals_eager_path(models, tokenizer, draft_len, tempe
     """The buffers CUDA graphs replay from (states, the drafter's per-token states, rollback copies), run here
     without a graph: the same bytes and statistics as the eager path, greedy and sampled. The scripted drafter is
     right most of the time, so both models roll back to inner positions of a draft."""
-    from mambabyte.speculative_models import GraphByteVerifier, GraphCapture, GraphDraftDecoder
+    from mambabyte.cuda_graphs import GraphCapture
+    from mambabyte.speculative_models import GraphByteVerifier, GraphDraftDecoder
 
     byte_model, drafter = models
     contexts = [b"\x00the cat", b"\x00", b"\x00\xff the dog sat o"]

@@ -19,6 +19,7 @@ import codecs
 import contextlib
 import math
 import warnings
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -26,6 +27,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_map
 
+from mambabyte.cuda_graphs import PromptGraphs
 from mambabyte.errors import UserError
 from mambabyte.evaluate import DEFAULT_SEPARATOR
 from mambabyte.ops.dispatch import resolve_backend
@@ -157,6 +159,27 @@ def _prefill_bytes_per_position(model: nn.Module, device: torch.device) -> int:
     return d_inner * d_state * 16
 
 
+_PROMPT_GRAPHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {key: PromptGraphs}
+
+
+def _prompt_graphs(model: nn.Module, dtype: torch.dtype | None) -> PromptGraphs:
+    """The prompt graphs of ``model`` under ``dtype``'s autocast; new ones if its weights moved (graphs read
+    the weights at the addresses they were captured with)."""
+    weight = next(model.parameters())
+    key = dtype, weight.device, weight.dtype, weight.data_ptr()
+    graphs = _PROMPT_GRAPHS.setdefault(model, {})
+    if key not in graphs:
+        model_ref = weakref.ref(model)  # the graphs must not keep their model alive
+
+        def forward(ids: Tensor, reset: Tensor) -> tuple[Tensor, object]:
+            with _autocast(ids.device, dtype):
+                logits, state = model_ref()(ids, return_state=True, reset=reset)
+            return logits[:, -1].float(), state
+
+        graphs[key] = PromptGraphs(forward, weight.device)
+    return graphs[key]
+
+
 @torch.no_grad()
 def read_bytes(model: nn.Module, ids: Tensor, reset: Tensor | None = None, state=None,
                dtype: torch.dtype | None = None) -> tuple[Tensor, object]:
@@ -167,6 +190,11 @@ def read_bytes(model: nn.Module, ids: Tensor, reset: Tensor | None = None, state
     if ids.shape[1] == 0:
         raise ValueError("read_bytes needs at least one byte")
     chunk = max(64, PREFILL_MEMORY // (ids.shape[0] * _prefill_bytes_per_position(model, ids.device)))
+    mamba = getattr(getattr(model, "config", None), "arch", None) == "mambabyte"  # left padding moves no position
+    if mamba and reset is None and state is None and PromptGraphs.applies(ids, chunk):
+        read = _prompt_graphs(model, dtype).read(ids)
+        if read is not None:
+            return read[0].clone(), tree_map(torch.clone, read[1])
     with _autocast(ids.device, dtype):
         for begin in range(0, ids.shape[1], chunk):
             window = slice(begin, begin + chunk)

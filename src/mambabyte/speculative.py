@@ -32,11 +32,11 @@ import torch
 from torch import Tensor, nn
 
 from mambabyte.checkpoint import load_pretrained
+from mambabyte.cuda_graphs import GraphCapture
 from mambabyte.errors import UserError
 from mambabyte.evaluate import DEFAULT_SEPARATOR
 from mambabyte.generate import Sampling, StopFilter, check_stops
-from mambabyte.speculative_models import (ByteVerifier, DraftDecoder, GraphByteVerifier, GraphCapture,
-                                          GraphDraftDecoder, on_device)
+from mambabyte.speculative_models import ByteVerifier, DraftDecoder, GraphByteVerifier, GraphDraftDecoder, on_device
 from mambabyte.subword import TOKENIZER_FILE, SubwordTokenizer
 
 

@@ -9,13 +9,13 @@ token, the byte model one graph per span length up to ``MAX_GRAPH_SPAN``, captur
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_map
 
+from mambabyte.cuda_graphs import GraphCapture
 from mambabyte.generate import _autocast, _same_shapes, read_bytes
 
 MAX_GRAPH_SPAN = 64  # longest span the byte model reads by replaying a graph; longer ones (rare) run eagerly
@@ -57,40 +57,6 @@ def _run_copies(plan: CopyPlan) -> None:
 def _copy(buffers, values) -> None:
     """Writes the pytree ``values`` over the pytree of contiguous tensors ``buffers``."""
     _run_copies(_copy_plan(buffers, values))
-
-
-class GraphCapture:
-    """Captures CUDA graphs; after the first failure it warns once and captures nothing more (callers go eager)."""
-
-    def __init__(self):
-        self.failed = False
-
-    def __call__(self, body: Callable[[], object], device: torch.device, restore: Sequence[Tensor] = (),
-                 pool=None) -> tuple[torch.cuda.CUDAGraph | None, object]:
-        """-> (the graph of ``body``, what ``body`` returned while captured: tensors that replays overwrite),
-        or (None, None). ``restore``: tensors ``body`` writes over, given back their values after the warm-up."""
-        if self.failed:
-            return None, None
-        saved = [tensor.clone() for tensor in restore]
-        try:
-            side = torch.cuda.Stream(device)
-            side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side):
-                for _ in range(2):  # warm-up outside the graph (allocations, kernel compilation)
-                    body()
-            torch.cuda.current_stream(device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                out = body()
-            return graph, out
-        except RuntimeError as error:
-            warnings.warn(f"CUDA graph capture failed, speculative decoding goes on without it: "
-                          f"{str(error).splitlines()[0]}")
-            self.failed = True
-            return None, None
-        finally:
-            for tensor, value in zip(restore, saved):
-                tensor.copy_(value)
 
 
 class DraftDecoder:

@@ -1,0 +1,108 @@
+"""Capturing CUDA graphs for the decoding loops (speculative decoding's models, prompt reading)."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+
+class GraphCapture:
+    """Captures CUDA graphs; after the first failure it warns once and captures nothing more (callers go eager)."""
+
+    def __init__(self):
+        self.failed = False
+
+    def __call__(self, body: Callable[[], object], device: torch.device, restore: Sequence[Tensor] = (),
+                 pool=None) -> tuple[torch.cuda.CUDAGraph | None, object]:
+        """-> (the graph of ``body``, what ``body`` returned while captured: tensors that replays overwrite),
+        or (None, None). ``restore``: tensors ``body`` writes over, given back their values after the warm-up."""
+        if self.failed:
+            return None, None
+        saved = [tensor.clone() for tensor in restore]
+        try:
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                for _ in range(2):  # warm-up outside the graph (allocations, kernel compilation)
+                    body()
+            torch.cuda.current_stream(device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                out = body()
+            return graph, out
+        except RuntimeError as error:
+            warnings.warn(f"CUDA graph capture failed, going on without CUDA graphs: "
+                          f"{str(error).splitlines()[0]}")
+            self.failed = True
+            return None, None
+        finally:
+            for tensor, value in zip(restore, saved):
+                tensor.copy_(value)
+
+
+# Prompt reading from graphs: off until run and timed on a GPU (tests/test_cuda_paths.py checks its bits,
+# benchmarks/decode_kernels.py times both ways; neither has run yet).
+GRAPH_PROMPTS = False
+MIN_BUCKET, MAX_BUCKET = 64, 8192  # context lengths read from graphs: padded to a power of two in this range
+
+
+def bucket(length: int) -> int:
+    """The padded length a context of ``length`` bytes is read at: the next power of two, at least MIN_BUCKET."""
+    return max(MIN_BUCKET, 1 << (length - 1).bit_length())
+
+
+class PromptGraphs:
+    """Reads short contexts by replaying captured graphs: a forward over a 1K-byte prompt at bench-91m costs the
+    host ~40 ms of per-op and per-launch work (1.7 ms a layer) for ~4 ms of GPU work (BENCHMARKS.md).
+
+    A context of L bytes is left-padded with zero bytes to its bucket (the next power of two, at least
+    MIN_BUCKET) and flagged with a reset at its first byte, so the padding never reaches the state (as
+    ``Decoder.start`` pads a batch). One graph per (batch, bucket) is captured at its first use; they share a
+    memory pool.
+    """
+
+    def __init__(self, forward: Callable[[Tensor, Tensor], tuple[Tensor, object]], device: torch.device,
+                 capture: GraphCapture | None = None):
+        """``forward(ids, reset)`` -> (the last position's logits, the state): what a graph replays."""
+        self.forward = forward
+        self.device = device
+        self.capture = capture or GraphCapture()
+        self._graphs: dict[tuple[int, int], tuple[Tensor, Tensor, torch.cuda.CUDAGraph, tuple] | None] = {}
+        self._pool = None
+
+    @staticmethod
+    def applies(ids: Tensor, longest: int) -> bool:
+        """Whether ``ids`` (batch, length) is read from a graph; ``longest``: the most positions one forward may
+        read (memory)."""
+        return GRAPH_PROMPTS and ids.is_cuda and bucket(ids.shape[1]) <= min(MAX_BUCKET, longest)
+
+    def _captured(self, batch: int, bucket: int):
+        key = batch, bucket
+        if key not in self._graphs:
+            ids = torch.zeros(batch, bucket, dtype=torch.long, device=self.device)
+            reset = torch.zeros(batch, bucket, dtype=torch.bool, device=self.device)
+            reset[:, 0] = True
+            graph, outputs = self.capture(lambda: self.forward(ids, reset), self.device, pool=self._pool)
+            self._graphs[key] = None if graph is None else (ids, reset, graph, outputs)
+            if graph is not None:
+                self._pool = graph.pool()
+        return self._graphs[key]
+
+    def read(self, ids: Tensor) -> tuple[Tensor, object] | None:
+        """ids (batch, length) -> (logits (batch, 256), state) as graph outputs (the next read overwrites them),
+        or None where capture failed."""
+        batch, length = ids.shape
+        padding = bucket(length) - length
+        captured = self._captured(batch, bucket(length))
+        if captured is None:
+            return None
+        padded, reset, graph, outputs = captured
+        padded[:, :padding].zero_()
+        padded[:, padding:].copy_(ids)
+        reset.zero_()
+        reset[:, padding] = True
+        graph.replay()
+        return outputs
