@@ -21,18 +21,19 @@ from gpu import decode_rate  # benchmarks/gpu.py, beside this script
 from mambabyte import cuda_graphs
 from mambabyte.architectures import build_model, presets_for
 from mambabyte.generate import Decoder, Sampling
+from mambabyte.ops import triton_decode
 from mambabyte.ops.causal_conv import causal_conv1d
 from mambabyte.ops.dispatch import selective_scan
-from mambabyte.ops import triton_decode
 
-# one parameter at a time, in this order, the best value kept. SHARED tiles set each row's arithmetic (the
+# one parameter at a time, in this order, the best value kept. SHARED tiles may set a row's arithmetic (the
 # reduction order), so they are the same at every batch (a verification span must give the bits of single
-# steps): scored by the summed relative time over all batches. PER_ROWS tiles do not change a row's bits, so
-# batch 1 keeps its own (CONFIG) and larger batches theirs (MANY_ROWS). Programmatic dependent launch first,
-# as the best tiles may depend on it.
-SHARED = dict(pdl=[True, False], in_block_k=[64, 128, 256], out_block_k=[256, 512, 1024], conv_block_k=[64, 128, 256],
-              conv_splits=[16, 24, 32], warps=[2, 4, 8], conv_warps=[None, 8])
-PER_ROWS = dict(in_block_n=[16, 32, 64], out_block_n=[16, 32, 64], scan_programs_per_sm=[1, 2, 4, 8])
+# steps): scored by the summed relative time over all batches. PER_ROWS tiles (output widths) do not change a
+# row's bits, so batch 1 keeps its own (CONFIG) and larger batches theirs (MANY_ROWS). Programmatic dependent
+# launch first, as the best tiles may depend on it.
+SHARED = dict(pdl=[True, False], in_block_k=[64, 128, 256], out_block_k=[256, 512, 1024],
+              conv_block_k=[64, 128, 256], conv_splits=[16, 24, 32], warps=[2, 4, 8], conv_warps=[None, 8],
+              scan_programs_per_sm=[1, 2, 4, 8])
+PER_ROWS = dict(in_block_n=[16, 32, 64], out_block_n=[16, 32, 64])
 HBM_BYTES_PER_S = 3.35e12  # H100 SXM datasheet
 
 
@@ -72,7 +73,8 @@ def sweep_one(model, table: dict, name: str, values: list, batches: list[int]) -
         table[name] = value
         took = timed(model, batches)
         score = sum(t / b for t, b in zip(took, base))
-        print(f"  {name}={value}: " + ", ".join(f"{t:.1f}" for t in took) + f" us/step (relative {score / len(batches):.3f})")
+        print(f"  {name}={value}: " + ", ".join(f"{t:.1f}" for t in took)
+              + f" us/step (relative {score / len(batches):.3f})")
         if score < best_score:
             best, best_score = value, score
     table[name] = best
@@ -80,7 +82,8 @@ def sweep_one(model, table: dict, name: str, values: list, batches: list[int]) -
 
 def sweep(model, batches: list[int]) -> None:
     pdl = "available" if triton_decode._pdl_supported(torch.device("cuda")) else "NOT available (pdl=True is a no-op)"
-    print(f"\nprogrammatic dependent launch {pdl}; start: CONFIG {triton_decode.CONFIG}, MANY_ROWS {triton_decode.MANY_ROWS}")
+    print(f"\nprogrammatic dependent launch {pdl}; start: CONFIG {triton_decode.CONFIG}, "
+          f"MANY_ROWS {triton_decode.MANY_ROWS}")
     print(f"shared tiles, us/step at batches {batches}:")
     for name, values in SHARED.items():
         sweep_one(model, triton_decode.CONFIG, name, values, batches)
@@ -119,7 +122,9 @@ def prefill_table(model, length: int) -> None:
             start()
             torch.cuda.synchronize()
             times.append(time.perf_counter() - begin)
-        print(f"\nprefill of {length} bytes through Decoder.start, batch 1, {'prompt graphs' if graphs else 'eager'}: "
+        way = "eager" if not graphs else ("prompt graphs" if cuda_graphs.bucket(length) <= cuda_graphs.MAX_BUCKET
+                                          else "eager (above MAX_BUCKET)")
+        print(f"\nprefill of {length} bytes through Decoder.start, batch 1, {way}: "
               + ", ".join(f"{1e3 * t:.1f} ms" for t in times) + f" ({length / min(times):,.0f} bytes/s)")
     cuda_graphs.GRAPH_PROMPTS = False
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
@@ -149,7 +154,8 @@ def launch_overhead(model) -> None:
     ids = torch.randint(0, 256, (1, 16), device="cuda")
     x, dt, z = (torch.randn(1, 16, d_inner, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     B, C = (torch.randn(1, 16, d_state, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    A, D, bias = -torch.rand(d_inner, d_state, device="cuda"), torch.ones(d_inner, device="cuda"), torch.zeros(d_inner, device="cuda")
+    A, D = -torch.rand(d_inner, d_state, device="cuda"), torch.ones(d_inner, device="cuda")
+    bias = torch.zeros(d_inner, device="cuda")
     conv_w = torch.randn(d_inner, 1, 4, device="cuda", dtype=torch.bfloat16)
     rows = [(f"model forward, 16 bytes ({model.config.n_layer} layers)", lambda: model(ids, return_state=True)),
             ("selective_scan (triton), 16 positions", lambda: selective_scan(x, dt, A, B, C, D, bias, z=z)),
@@ -164,8 +170,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 64])
     parser.add_argument("--no-sweep", action="store_true")
-    parser.add_argument("--prefill-lengths", type=int, nargs="+", default=[1025, 8193],
-                        help="context lengths to time and profile (1025: a 1K prompt plus the separator)")
+    parser.add_argument("--prefill-lengths", type=int, nargs="+", default=[1024, 8192],
+                        help="context lengths (the prompt and its 1-byte separator) to time and profile")
     args = parser.parse_args()
     torch.manual_seed(0)
     model = build_model(presets_for("mambabyte")["bench-91m"]).to("cuda", torch.bfloat16).eval()

@@ -290,28 +290,25 @@ def test_speculative_greedy_equals_plain_greedy_in_bf16(weights):
 @cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_prompt_graphs_read_as_the_padded_eager_read(monkeypatch, dtype):
-    """GRAPH_PROMPTS: a context read from the graph of its bucket gives bit for bit what an eager read of the
-    same left-padded bytes with a reset at the first real byte gives, and close to the unpadded read; contexts
-    of one bucket share a graph without leaking into each other."""
-    from mambabyte import cuda_graphs
-    from mambabyte.generate import read_bytes
+    """GRAPH_PROMPTS: a context read from the graph of its bucket gives bit for bit what the eager read of the
+    same left-padded bytes gives (graphs=False), close to the unpadded read; two contexts of one bucket share a
+    graph, and the first result survives the second read."""
+    from mambabyte import cuda_graphs, generate
 
     torch.manual_seed(0)
     model = build_model(MambaByteConfig(d_model=256, n_layer=3)).eval().cuda().to(dtype)
-    monkeypatch.setattr(cuda_graphs, "GRAPH_PROMPTS", True)
-    for length in (1, 63, 64, 65, 300, 200):
-        ids = torch.randint(0, 256, (2, length), device="cuda")
-        logits, state = read_bytes(model, ids)
-        padding = cuda_graphs.bucket(length) - length
-        padded = torch.cat([torch.zeros(2, padding, dtype=torch.long, device="cuda"), ids], 1)
-        reset = torch.zeros_like(padded, dtype=torch.bool)
-        reset[:, padding] = True
-        monkeypatch.setattr(cuda_graphs, "GRAPH_PROMPTS", False)
-        want_logits, want_state = read_bytes(model, padded, reset=reset)
-        plain_logits, _ = read_bytes(model, ids)
+    tolerance = 1e-3 if dtype == torch.float32 else 0.15
+    for length in (1, 63, 64, 65, 300):
+        ids, other = (torch.randint(0, 256, (2, n), device="cuda") for n in (length, cuda_graphs.bucket(length)))
         monkeypatch.setattr(cuda_graphs, "GRAPH_PROMPTS", True)
+        logits, state = generate.read_bytes(model, ids, dtype=dtype)
+        generate.read_bytes(model, other, dtype=dtype)  # the same graph, other bytes
+        want_logits, want_state = generate.read_bytes(model, ids, dtype=dtype, graphs=False)
+        monkeypatch.setattr(cuda_graphs, "GRAPH_PROMPTS", False)
+        plain_logits, _ = generate.read_bytes(model, ids, dtype=dtype)
         assert torch.equal(logits, want_logits), length
         for got, want in zip(state, want_state):
             assert torch.equal(got.conv, want.conv) and torch.equal(got.ssm, want.ssm), length
-        tolerance = 1e-3 if dtype == torch.float32 else 0.15
         assert (logits - plain_logits).abs().max() < tolerance, length
+    graphs = generate._PROMPT_GRAPHS[model][1]._graphs
+    assert set(graphs) == {(2, 64), (2, 128), (2, 512)} and all(graphs.values())  # captured, not eager

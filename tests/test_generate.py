@@ -256,3 +256,21 @@ def test_prompt_buckets_are_powers_of_two_from_the_smallest():
 
     assert [bucket(n) for n in (1, MIN_BUCKET, MIN_BUCKET + 1, 1000, 1024, 1025)] == [
         MIN_BUCKET, MIN_BUCKET, 2 * MIN_BUCKET, 1024, 1024, 2048]
+
+
+def test_left_padded_context_reads_as_the_context(tiny_model):
+    """What GRAPH_PROMPTS reads: the context left-padded to its bucket with a reset at its first byte gives the
+    context's own next-byte logits and state (the padding never reaches the state)."""
+    from mambabyte.cuda_graphs import bucket, left_padded
+
+    ids = torch.randint(0, 256, (2, 70), generator=torch.Generator().manual_seed(0))
+    padded, reset = left_padded(ids)
+    assert padded.shape == reset.shape == (2, bucket(70)) and torch.equal(padded[:, -70:], ids)
+    assert reset.sum().item() == 2 and reset[:, bucket(70) - 70].all()
+    with torch.no_grad():
+        want, want_state = tiny_model(ids, return_state=True)
+        got, got_state = tiny_model(padded, return_state=True, reset=reset)
+    torch.testing.assert_close(got[:, -1], want[:, -1], atol=1e-4, rtol=1e-4)
+    for a, b in zip(got_state, want_state):
+        torch.testing.assert_close(a.ssm, b.ssm, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(a.conv, b.conv, atol=1e-4, rtol=1e-4)

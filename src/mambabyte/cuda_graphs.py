@@ -43,10 +43,10 @@ class GraphCapture:
                 tensor.copy_(value)
 
 
-# Prompt reading from graphs: off until run and timed on a GPU (tests/test_cuda_paths.py checks its bits,
-# benchmarks/decode_kernels.py times both ways; neither has run yet).
+# Prompt reading in power-of-two buckets, from CUDA graphs where allowed: off until run and timed on a GPU
+# (tests/test_cuda_paths.py checks its bits, benchmarks/decode_kernels.py times it; neither has run yet).
 GRAPH_PROMPTS = False
-MIN_BUCKET, MAX_BUCKET = 64, 8192  # context lengths read from graphs: padded to a power of two in this range
+MIN_BUCKET, MAX_BUCKET = 64, 8192  # context lengths read in buckets: padded to a power of two in this range
 
 
 def bucket(length: int) -> int:
@@ -54,14 +54,27 @@ def bucket(length: int) -> int:
     return max(MIN_BUCKET, 1 << (length - 1).bit_length())
 
 
-class PromptGraphs:
-    """Reads short contexts by replaying captured graphs: a forward over a 1K-byte prompt at bench-91m costs the
-    host ~40 ms of per-op and per-launch work (1.7 ms a layer) for ~4 ms of GPU work (BENCHMARKS.md).
+def reads_in_buckets(ids: Tensor, longest: int) -> bool:
+    """Whether ``ids`` (batch, length) is read in its bucket; ``longest``: the most positions one forward may
+    read (memory)."""
+    return GRAPH_PROMPTS and ids.is_cuda and bucket(ids.shape[1]) <= min(MAX_BUCKET, longest)
 
-    A context of L bytes is left-padded with zero bytes to its bucket (the next power of two, at least
-    MIN_BUCKET) and flagged with a reset at its first byte, so the padding never reaches the state (as
-    ``Decoder.start`` pads a batch). One graph per (batch, bucket) is captured at its first use; they share a
-    memory pool.
+
+def left_padded(ids: Tensor) -> tuple[Tensor, Tensor]:
+    """ids (batch, length) -> (ids left-padded with zero bytes to the bucket, reset flags at the first real
+    byte): the padding never reaches the state, as when ``Decoder.start`` pads a batch."""
+    batch, length = ids.shape
+    padding = bucket(length) - length
+    padded = torch.cat([ids.new_zeros(batch, padding), ids], dim=1)
+    reset = torch.zeros(batch, padding + length, dtype=torch.bool, device=ids.device)
+    reset[:, padding] = True
+    return padded, reset
+
+
+class PromptGraphs:
+    """Reads bucketed contexts by replaying captured graphs: a forward over a 1K-byte prompt at bench-91m costs
+    the host ~40 ms of per-op and per-launch work (1.7 ms a layer) for ~4 ms of GPU work (BENCHMARKS.md).
+    One graph per (batch, bucket) is captured at its first use; they share a memory pool.
     """
 
     def __init__(self, forward: Callable[[Tensor, Tensor], tuple[Tensor, object]], device: torch.device,
@@ -73,17 +86,11 @@ class PromptGraphs:
         self._graphs: dict[tuple[int, int], tuple[Tensor, Tensor, torch.cuda.CUDAGraph, tuple] | None] = {}
         self._pool = None
 
-    @staticmethod
-    def applies(ids: Tensor, longest: int) -> bool:
-        """Whether ``ids`` (batch, length) is read from a graph; ``longest``: the most positions one forward may
-        read (memory)."""
-        return GRAPH_PROMPTS and ids.is_cuda and bucket(ids.shape[1]) <= min(MAX_BUCKET, longest)
-
-    def _captured(self, batch: int, bucket: int):
-        key = batch, bucket
+    def _captured(self, batch: int, length: int):
+        key = batch, length
         if key not in self._graphs:
-            ids = torch.zeros(batch, bucket, dtype=torch.long, device=self.device)
-            reset = torch.zeros(batch, bucket, dtype=torch.bool, device=self.device)
+            ids = torch.zeros(batch, length, dtype=torch.long, device=self.device)
+            reset = torch.zeros(batch, length, dtype=torch.bool, device=self.device)
             reset[:, 0] = True
             graph, outputs = self.capture(lambda: self.forward(ids, reset), self.device, pool=self._pool)
             self._graphs[key] = None if graph is None else (ids, reset, graph, outputs)
@@ -91,18 +98,14 @@ class PromptGraphs:
                 self._pool = graph.pool()
         return self._graphs[key]
 
-    def read(self, ids: Tensor) -> tuple[Tensor, object] | None:
-        """ids (batch, length) -> (logits (batch, 256), state) as graph outputs (the next read overwrites them),
-        or None where capture failed."""
-        batch, length = ids.shape
-        padding = bucket(length) - length
-        captured = self._captured(batch, bucket(length))
+    def read(self, ids: Tensor, reset: Tensor) -> tuple[Tensor, object] | None:
+        """ids, reset (batch, length) -> (logits (batch, 256), state) as graph outputs (the next read overwrites
+        them), or None where capture failed."""
+        captured = self._captured(*ids.shape)
         if captured is None:
             return None
-        padded, reset, graph, outputs = captured
-        padded[:, :padding].zero_()
-        padded[:, padding:].copy_(ids)
-        reset.zero_()
-        reset[:, padding] = True
+        ids_buffer, reset_buffer, graph, outputs = captured
+        ids_buffer.copy_(ids)
+        reset_buffer.copy_(reset)
         graph.replay()
         return outputs

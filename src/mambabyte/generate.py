@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_map
 
-from mambabyte.cuda_graphs import PromptGraphs
+from mambabyte.cuda_graphs import PromptGraphs, left_padded, reads_in_buckets
 from mambabyte.errors import UserError
 from mambabyte.evaluate import DEFAULT_SEPARATOR
 from mambabyte.ops.dispatch import resolve_backend
@@ -159,16 +159,16 @@ def _prefill_bytes_per_position(model: nn.Module, device: torch.device) -> int:
     return d_inner * d_state * 16
 
 
-_PROMPT_GRAPHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {key: PromptGraphs}
+_PROMPT_GRAPHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (key, PromptGraphs)
 
 
 def _prompt_graphs(model: nn.Module, dtype: torch.dtype | None) -> PromptGraphs:
-    """The prompt graphs of ``model`` under ``dtype``'s autocast; new ones if its weights moved (graphs read
-    the weights at the addresses they were captured with)."""
-    weight = next(model.parameters())
-    key = dtype, weight.device, weight.dtype, weight.data_ptr()
-    graphs = _PROMPT_GRAPHS.setdefault(model, {})
-    if key not in graphs:
+    """The prompt graphs of ``model`` under ``dtype``'s autocast; new ones (the old dropped) if any parameter
+    moved, since graphs read the weights at the addresses they were captured with."""
+    parameters = list(model.parameters())
+    key = dtype, parameters[0].device, parameters[0].dtype, tuple(p.data_ptr() for p in parameters)
+    kept = _PROMPT_GRAPHS.get(model)
+    if kept is None or kept[0] != key:
         model_ref = weakref.ref(model)  # the graphs must not keep their model alive
 
         def forward(ids: Tensor, reset: Tensor) -> tuple[Tensor, object]:
@@ -176,23 +176,27 @@ def _prompt_graphs(model: nn.Module, dtype: torch.dtype | None) -> PromptGraphs:
                 logits, state = model_ref()(ids, return_state=True, reset=reset)
             return logits[:, -1].float(), state
 
-        graphs[key] = PromptGraphs(forward, weight.device)
-    return graphs[key]
+        kept = _PROMPT_GRAPHS[model] = key, PromptGraphs(forward, parameters[0].device)
+    return kept[1]
 
 
 @torch.no_grad()
 def read_bytes(model: nn.Module, ids: Tensor, reset: Tensor | None = None, state=None,
-               dtype: torch.dtype | None = None) -> tuple[Tensor, object]:
+               dtype: torch.dtype | None = None, graphs: bool = True) -> tuple[Tensor, object]:
     """ids (batch, length) read from ``state`` (None: the initial state) as decoding reads prompts: in chunks
     that bound memory, under the decoding autocast. -> (the next byte's logits (batch, 256) fp32, the state).
 
-    Anything that must decode exactly as ``Decoder`` does (speculative decoding) reads its context here."""
+    With ``cuda_graphs.GRAPH_PROMPTS``, a MambaByte model reads a whole context from the initial state
+    left-padded to its bucket (``cuda_graphs.left_padded``), from a CUDA graph unless ``graphs`` is False: the
+    same bits either way. Anything that must decode exactly as ``Decoder`` does (speculative decoding) reads
+    its context here."""
     if ids.shape[1] == 0:
         raise ValueError("read_bytes needs at least one byte")
     chunk = max(64, PREFILL_MEMORY // (ids.shape[0] * _prefill_bytes_per_position(model, ids.device)))
     mamba = getattr(getattr(model, "config", None), "arch", None) == "mambabyte"  # left padding moves no position
-    if mamba and reset is None and state is None and PromptGraphs.applies(ids, chunk):
-        read = _prompt_graphs(model, dtype).read(ids)
+    if mamba and reset is None and state is None and reads_in_buckets(ids, chunk):
+        ids, reset = left_padded(ids)
+        read = _prompt_graphs(model, dtype).read(ids, reset) if graphs else None
         if read is not None:
             return read[0].clone(), tree_map(torch.clone, read[1])
     with _autocast(ids.device, dtype):
@@ -271,7 +275,7 @@ class Decoder:
         self.utf8_state.copy_(torch.tensor(states, device=self.device))
 
     def _read(self, ids: Tensor, reset: Tensor | None, state):
-        return read_bytes(self.model, ids, reset, state, self.dtype)
+        return read_bytes(self.model, ids, reset, state, self.dtype, graphs=self._use_graph)
 
     def compute(self):
         return _autocast(self.device, self.dtype)

@@ -210,7 +210,7 @@ class ByteVerifier:
 
     def start(self, context: bytes) -> Tensor:
         """Reads ``context`` (at least one byte) from the initial state; -> the next byte's logits (256,)."""
-        logits, self.state = read_bytes(self.model, _ids(context, self.device), dtype=self.dtype)
+        logits, self.state = read_bytes(self.model, _ids(context, self.device), dtype=self.dtype, graphs=False)
         return logits[0]
 
     def _forward_states(self, ids: Tensor):

@@ -36,17 +36,19 @@ from mambabyte.ops.triton_scan import interpreting, multiprocessors, sigmoid, so
 BLOCK_M = 16  # rows per program: tl.dot's smallest tile; decoding one row wastes the rest, the weights dominate
 # GPU tiles from benchmarks/decode_kernels.py's sweep on an H100 at bench-91m, bf16 (session 4: 421 us/step at
 # batch 1, 825 at batch 64): CONFIG, with MANY_ROWS over it for launches over more rows than BLOCK_M (batch 64).
-# MANY_ROWS may only hold tiles that leave each row's arithmetic unchanged (output tile widths, the scan's
-# programs), so that a span's rows give the bits of single steps. pdl: programmatic dependent launch where the
-# GPU and Triton have it (never under the interpreter): 12% faster at batch 1 and 64. conv_warps: the conv +
-# x_proj kernel's own warps (None: ``warps``).
+# MANY_ROWS may only hold output tile widths, which leave each row's arithmetic unchanged, so that a span's
+# rows give the bits of single steps. pdl: programmatic dependent launch where the GPU and Triton have it
+# (never under the interpreter): 509 -> 443 us/step at batch 1, 904 -> 829 at batch 64. conv_warps: the
+# conv + x_proj kernel's own warps (None: ``warps``).
 CONFIG = dict(in_block_n=32, in_block_k=256, out_block_n=32, out_block_k=256, conv_block_k=128, conv_splits=24,
               scan_programs_per_sm=4, warps=4, conv_warps=None, pdl=True)
-MANY_ROWS = dict(in_block_n=64, out_block_n=64, scan_programs_per_sm=4)
+MANY_ROWS = dict(in_block_n=64, out_block_n=64)
+
 
 def _tiles(rows: int) -> dict:
     """The tiles of a launch over ``rows`` (batch x span) rows."""
     return {**CONFIG, **MANY_ROWS} if rows > BLOCK_M else CONFIG
+
 
 def _precision(weight: Tensor) -> str:
     """How tl.dot multiplies: fp32 weights get full-precision products (no TF32), as PyTorch's matmul gives

@@ -315,9 +315,9 @@ def _scan_bwd_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, dt_bias_ptr, z_p
         # each walk loads the position it visits next before this one's arithmetic (the loads' latency hidden:
         # B16 x L2048 training 129K -> 164K bytes/s on an H100)
         x, dt, Bt, Ct, z, starts = _load_position(
-                start, offs_d, mask_d, offs_n, mask_n, row, seg_length, x_ptr, dt_ptr, B_ptr, C_ptr, z_ptr,
-                reset_ptr, dt_bias, stride_xb, stride_xl, stride_dtb, stride_dtl, stride_Bb, stride_Bl, stride_Cb,
-                stride_Cl, stride_zb, stride_zl, stride_rb, stride_rl, HAS_Z, HAS_RESET)
+            start, offs_d, mask_d, offs_n, mask_n, row, seg_length, x_ptr, dt_ptr, B_ptr, C_ptr, z_ptr,
+            reset_ptr, dt_bias, stride_xb, stride_xl, stride_dtb, stride_dtl, stride_Bb, stride_Bl, stride_Cb,
+            stride_Cl, stride_zb, stride_zl, stride_rb, stride_rl, HAS_Z, HAS_RESET)
         for t in range(start, end):
             x_next, dt_next, B_next, C_next, z_next, starts_next = _load_position(
                 t + 1, offs_d, mask_d, offs_n, mask_n, row, seg_length, x_ptr, dt_ptr, B_ptr, C_ptr, z_ptr,
@@ -331,9 +331,9 @@ def _scan_bwd_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, dt_bias_ptr, z_p
             tl.store(scratch + (t - start) * BLOCK_N * BLOCK_D + tile, h)  # read back by this same thread
             x, dt, Bt, Ct, z, starts = x_next, dt_next, B_next, C_next, z_next, starts_next
         x, dt, Bt, Ct, z, starts = _load_position(
-                end - 1, offs_d, mask_d, offs_n, mask_n, row, seg_length, x_ptr, dt_ptr, B_ptr, C_ptr, z_ptr,
-                reset_ptr, dt_bias, stride_xb, stride_xl, stride_dtb, stride_dtl, stride_Bb, stride_Bl, stride_Cb,
-                stride_Cl, stride_zb, stride_zl, stride_rb, stride_rl, HAS_Z, HAS_RESET)
+            end - 1, offs_d, mask_d, offs_n, mask_n, row, seg_length, x_ptr, dt_ptr, B_ptr, C_ptr, z_ptr,
+            reset_ptr, dt_bias, stride_xb, stride_xl, stride_dtb, stride_dtl, stride_Bb, stride_Bl, stride_Cb,
+            stride_Cl, stride_zb, stride_zl, stride_rb, stride_rl, HAS_Z, HAS_RESET)
         dy = _load_dy(dy_ptr, first, end - 1, 0, d_inner, offs_d, mask_d)
         h = tl.load(scratch + (end - 1 - start) * BLOCK_N * BLOCK_D + tile)
         for back in range(0, end - start):
