@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Callable, Sequence
 
@@ -44,8 +45,9 @@ class GraphCapture:
 
 
 # Prompt reading in power-of-two buckets, from CUDA graphs where allowed: off until run and timed on a GPU
-# (tests/test_cuda_paths.py checks its bits, benchmarks/decode_kernels.py times it; neither has run yet).
-GRAPH_PROMPTS = False
+# (tests/test_cuda_paths.py checks its bits, benchmarks/decode_kernels.py and gpu.py time it; none has run
+# yet); MAMBABYTE_GRAPH_PROMPTS=1 turns it on.
+GRAPH_PROMPTS = os.environ.get("MAMBABYTE_GRAPH_PROMPTS", "0") == "1"
 MIN_BUCKET, MAX_BUCKET = 64, 8192  # context lengths read in buckets: padded to a power of two in this range
 
 
