@@ -2,7 +2,7 @@
 
 For batch 1 and 64: the time of one ``model.step`` replayed from a CUDA graph, beside the HBM limit (every
 weight and state byte read once per step), a one-parameter-at-a-time sweep of the kernel tiles (keeping
-the best), and the device time of each kernel of one block; then the wall time and profile (host and device)
+the best), and the device time of each kernel of one block; then the median time and profile (host and device)
 of reading 1K- and 8K-byte prompts through ``Decoder.start`` (eagerly and from prompt graphs).
 
     PYTHONPATH=src python3 benchmarks/decode_kernels.py
@@ -16,7 +16,7 @@ import time
 import torch
 from torch.utils._pytree import tree_leaves
 
-from gpu import decode_rate  # benchmarks/gpu.py, beside this script
+from gpu import decode_rate, median_ms  # benchmarks/gpu.py, beside this script
 
 from mambabyte import cuda_graphs
 from mambabyte.architectures import build_model, presets_for
@@ -107,7 +107,7 @@ def kernel_table(model, batch: int) -> None:
 
 
 def prefill_table(model, length: int) -> None:
-    """The user's path (``Decoder.start``) over a prompt of ``length`` bytes: wall time per call, eagerly and
+    """The user's path (``Decoder.start``) over a prompt of ``length`` bytes: median time per call, eagerly and
     from prompt graphs (``cuda_graphs.GRAPH_PROMPTS``), then the eager call's profile by host time (where a
     short prompt's time goes) and by device time."""
     prompt = bytes(torch.randint(32, 127, (length - 1,)).tolist())  # start adds the 1-byte separator
@@ -115,17 +115,11 @@ def prefill_table(model, length: int) -> None:
     for graphs in (False, True):
         cuda_graphs.GRAPH_PROMPTS = graphs
         start()  # compiles, or captures the bucket's graph
-        times = []
-        for _ in range(3):
-            torch.cuda.synchronize()
-            begin = time.perf_counter()
-            start()
-            torch.cuda.synchronize()
-            times.append(time.perf_counter() - begin)
+        took = median_ms(start, 5)
         way = "eager" if not graphs else ("prompt graphs" if cuda_graphs.bucket(length) <= cuda_graphs.MAX_BUCKET
                                           else "eager (above MAX_BUCKET)")
-        print(f"\nprefill of {length} bytes through Decoder.start, batch 1, {way}: "
-              + ", ".join(f"{1e3 * t:.1f} ms" for t in times) + f" ({length / min(times):,.0f} bytes/s)")
+        print(f"\nprefill of {length} bytes through Decoder.start, batch 1, {way}: median {took:.1f} ms "
+              f"({length / took * 1e3:,.0f} bytes/s)")
     cuda_graphs.GRAPH_PROMPTS = False
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=activities) as profile:

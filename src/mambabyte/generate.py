@@ -149,12 +149,16 @@ def _same_shapes(a, b) -> bool:
     return a_spec == b_spec and all(x.shape == y.shape for x, y in zip(a_leaves, b_leaves))
 
 
+def _is_mambabyte(model: nn.Module) -> bool:
+    return getattr(getattr(model, "config", None), "arch", None) == "mambabyte"
+
+
 def _prefill_bytes_per_position(model: nn.Module, device: torch.device) -> int:
     """Memory one more prompt position costs a forward, per row: the PyTorch scans keep
     (length, d_inner, d_state) intermediates, the compiled kernels only (length, d_inner) activations."""
     config = model.config
     d_inner, d_state = getattr(config, "d_inner", 1024), getattr(config, "d_state", 16)
-    if getattr(config, "arch", None) == "mambabyte" and resolve_backend(None, device) in ("triton", "cpu"):
+    if _is_mambabyte(model) and resolve_backend(None, device) in ("triton", "cpu"):
         return d_inner * 32
     return d_inner * d_state * 16
 
@@ -193,8 +197,8 @@ def read_bytes(model: nn.Module, ids: Tensor, reset: Tensor | None = None, state
     if ids.shape[1] == 0:
         raise ValueError("read_bytes needs at least one byte")
     chunk = max(64, PREFILL_MEMORY // (ids.shape[0] * _prefill_bytes_per_position(model, ids.device)))
-    mamba = getattr(getattr(model, "config", None), "arch", None) == "mambabyte"  # left padding moves no position
-    if mamba and reset is None and state is None and reads_in_buckets(ids, chunk):
+    # left padding moves no position in a MambaByte model (it would in a Transformer)
+    if _is_mambabyte(model) and reset is None and state is None and reads_in_buckets(ids, chunk):
         ids, reset = left_padded(ids)
         read = _prompt_graphs(model, dtype).read(ids, reset) if graphs else None
         if read is not None:
