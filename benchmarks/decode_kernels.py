@@ -27,13 +27,13 @@ from mambabyte.ops.dispatch import selective_scan
 
 # one parameter at a time, in this order, the best value kept. SHARED tiles may set a row's arithmetic (the
 # reduction order), so they are the same at every batch (a verification span must give the bits of single
-# steps): scored by the summed relative time over all batches. PER_ROWS tiles (output widths) do not change a
-# row's bits, so batch 1 keeps its own (CONFIG) and larger batches theirs (MANY_ROWS). Programmatic dependent
-# launch first, as the best tiles may depend on it.
-SHARED = dict(pdl=[True, False], unroll_splits=[False, True], in_block_k=[64, 128, 256], out_block_k=[256, 512, 1024],
+# steps): scored by the summed relative time over all batches. PER_ROWS tiles (output widths, the same
+# additions unrolled) do not change a row's bits, so batch 1 keeps its own (CONFIG) and larger batches theirs
+# (MANY_ROWS). Programmatic dependent launch first, as the best tiles may depend on it.
+SHARED = dict(pdl=[True, False], in_block_k=[64, 128, 256], out_block_k=[256, 512, 1024],
               conv_block_k=[64, 128, 256], conv_splits=[16, 24, 32], warps=[2, 4, 8], conv_warps=[None, 8],
               scan_programs_per_sm=[1, 2, 4, 8])
-PER_ROWS = dict(in_block_n=[16, 32, 64], out_block_n=[16, 32, 64])
+PER_ROWS = dict(in_block_n=[16, 32, 64], out_block_n=[16, 32, 64], unroll_splits=[False, True])
 HBM_BYTES_PER_S = 3.35e12  # H100 SXM datasheet
 
 
@@ -80,17 +80,19 @@ def sweep_one(model, table: dict, name: str, values: list, batches: list[int]) -
     table[name] = best
 
 
-def sweep(model, batches: list[int]) -> None:
+def sweep(model, batches: list[int], only: list[str] | None) -> None:
     pdl = "available" if triton_decode._pdl_supported(torch.device("cuda")) else "NOT available (pdl=True is a no-op)"
     print(f"\nprogrammatic dependent launch {pdl}; start: CONFIG {triton_decode.CONFIG}, "
           f"MANY_ROWS {triton_decode.MANY_ROWS}")
     print(f"shared tiles, us/step at batches {batches}:")
     for name, values in SHARED.items():
-        sweep_one(model, triton_decode.CONFIG, name, values, batches)
+        if only is None or name in only:
+            sweep_one(model, triton_decode.CONFIG, name, values, batches)
     for batch in batches:
         print(f"tiles of batch {batch}:")
         for name, values in PER_ROWS.items():
-            sweep_one(model, tiles(batch), name, values, [batch])
+            if only is None or name in only:
+                sweep_one(model, tiles(batch), name, values, [batch])
     print(f"best: CONFIG {triton_decode.CONFIG}, MANY_ROWS {triton_decode.MANY_ROWS}")
 
 
@@ -112,6 +114,7 @@ def prefill_table(model, length: int) -> None:
     short prompt's time goes) and by device time."""
     prompt = bytes(torch.randint(32, 127, (length - 1,)).tolist())  # start adds the 1-byte separator
     start = lambda: Decoder(model, Sampling(), [0]).start([prompt])  # noqa: E731
+    chosen = cuda_graphs.GRAPH_PROMPTS
     for graphs in (False, True):
         cuda_graphs.GRAPH_PROMPTS = graphs
         start()  # compiles, or captures the bucket's graph
@@ -120,7 +123,7 @@ def prefill_table(model, length: int) -> None:
                                           else "eager (above MAX_BUCKET)")
         print(f"\nprefill of {length} bytes through Decoder.start, batch 1, {way}: median {took:.1f} ms "
               f"({length / took * 1e3:,.0f} bytes/s)")
-    cuda_graphs.GRAPH_PROMPTS = False
+    cuda_graphs.GRAPH_PROMPTS = False  # the profile below: the eager read
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=activities) as profile:
         start()
@@ -128,6 +131,7 @@ def prefill_table(model, length: int) -> None:
     averages = profile.key_averages()
     for key in ("cpu_time_total", "cuda_time_total"):
         print(averages.table(sort_by=key, row_limit=12, max_name_column_width=50))
+    cuda_graphs.GRAPH_PROMPTS = chosen
 
 
 def host_microseconds(call, repeats: int = 30) -> float:
@@ -164,6 +168,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 64])
     parser.add_argument("--no-sweep", action="store_true")
+    parser.add_argument("--sweep-only", nargs="+", choices=[*SHARED, *PER_ROWS], metavar="TILE",
+                        help="sweep only these tiles (default: all of SHARED and PER_ROWS)")
     parser.add_argument("--prefill-lengths", type=int, nargs="+", default=[1024, 8192],
                         help="context lengths (the prompt and its 1-byte separator) to time and profile")
     args = parser.parse_args()
@@ -172,7 +178,7 @@ def main() -> None:
     print(f"device: {torch.cuda.get_device_name()}")
     with torch.no_grad():
         if not args.no_sweep:
-            sweep(model, args.batches)
+            sweep(model, args.batches, args.sweep_only)
         for batch in args.batches:
             took = step_microseconds(model, batch)
             limit = hbm_limit_microseconds(model, batch)

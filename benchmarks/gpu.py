@@ -314,12 +314,12 @@ def inference_rates(decode: bool = True) -> dict[str, float]:
         ids = torch.randint(0, 256, (1, 8192), device=DEVICE)
         model(ids, return_state=True)
         rates[PREFILL] = 8192 / (median_ms(lambda: model(ids, return_state=True), 5) / 1e3)
-        cuda_graphs.GRAPH_PROMPTS = True  # the user's path (generate.read_bytes) from the bucket's CUDA graph
+        chosen, cuda_graphs.GRAPH_PROMPTS = cuda_graphs.GRAPH_PROMPTS, True  # the user's path (read_bytes)
         try:
             read_bytes(model, ids)  # captures it
             rates[GRAPH_PREFILL] = 8192 / (median_ms(lambda: read_bytes(model, ids), 5) / 1e3)
         finally:
-            cuda_graphs.GRAPH_PROMPTS = False
+            cuda_graphs.GRAPH_PROMPTS = chosen
     return rates
 
 

@@ -36,6 +36,8 @@ VARIANTS = [
     ("scan forward, BLOCK_D 32, fp32 saved states", triton_scan._scan_fwd_kernel,
      dict(SCAN, BLOCK_D=32, HAS_H0=True, SAVE_STATES=True, CARRY_PASS=False), 1, {"chunk_states_ptr": "*fp32"}),
     *[(f"scan backward, BLOCK_D {d}", triton_scan._scan_bwd_kernel, dict(SCAN, BLOCK_D=d), 1) for d in (32, 16)],
+    ("scan segment carry, 128 segments", triton_scan._segment_carry_kernel,
+     dict(HAS_FIRST=True, REVERSE=False, BLOCK_S=128, BLOCK_E=32), 4),
     ("decode norm + in_proj", triton_decode._norm_linear_kernel,
      dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, PRECISION="tf32", USE_PDL=False), 4),
     *[(f"decode conv + x_proj, BLOCK_K {block_k}", triton_decode._conv_x_proj_kernel,

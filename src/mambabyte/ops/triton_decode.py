@@ -36,14 +36,15 @@ from mambabyte.ops.triton_scan import interpreting, multiprocessors, sigmoid, so
 BLOCK_M = 16  # rows per program: tl.dot's smallest tile; decoding one row wastes the rest, the weights dominate
 # GPU tiles from benchmarks/decode_kernels.py's sweep on an H100 at bench-91m, bf16 (session 4: 421 us/step at
 # batch 1, 825 at batch 64): CONFIG, with MANY_ROWS over it for launches over more rows than BLOCK_M (batch 64).
-# MANY_ROWS may only hold output tile widths, which leave each row's arithmetic unchanged, so that a span's
-# rows give the bits of single steps. pdl: programmatic dependent launch where the GPU and Triton have it
+# MANY_ROWS may only hold what leaves each row's arithmetic unchanged (output tile widths, unroll_splits), so
+# that a span's rows give the bits of single steps. pdl: programmatic dependent launch where the GPU and Triton have it
 # (never under the interpreter): 509 -> 443 us/step at batch 1, 904 -> 829 at batch 64. conv_warps: the
 # conv + x_proj kernel's own warps (None: ``warps``). unroll_splits: the scan kernel adds the conv kernel's
-# split partial sums in an unrolled loop (the same bits; interpreter-tested, NOT yet timed: the next sweep).
+# split partial sums in an unrolled loop (the same bits, interpreter- and CUDA-tested; session 5 sweep: batch 1
+# 416.7 vs ~423 us/step, batch 64 1,117 vs 829). scan_programs_per_sm 1, 2 and 4: within 0.3% (8: +27% at 64).
 CONFIG = dict(in_block_n=32, in_block_k=256, out_block_n=32, out_block_k=256, conv_block_k=128, conv_splits=24,
-              scan_programs_per_sm=4, warps=4, conv_warps=None, pdl=True, unroll_splits=False)
-MANY_ROWS = dict(in_block_n=64, out_block_n=64)
+              scan_programs_per_sm=4, warps=4, conv_warps=None, pdl=True, unroll_splits=True)
+MANY_ROWS = dict(in_block_n=64, out_block_n=64, unroll_splits=False)
 
 
 def _tiles(rows: int) -> dict:

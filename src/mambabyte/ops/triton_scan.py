@@ -186,30 +186,48 @@ def _scan_fwd_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, dt_bias_ptr, z_p
 
 
 @triton.jit
-def _segment_carry_kernel(decay_ptr, local_ptr, first_ptr, carried_ptr, n_segs, d_inner, d_state,
+def _then(decay_a, add_a, decay_b, add_b):
+    """Two maps c -> decay * c + add, a then b, as one: c -> (decay_a decay_b) c + (decay_b add_a + add_b)."""
+    return decay_a * decay_b, decay_b * add_a + add_b
+
+
+@triton.jit
+def _segment_carry_kernel(decay_ptr, local_ptr, first_ptr, carried_ptr, n_segs, size,
                           HAS_FIRST: tl.constexpr, REVERSE: tl.constexpr,
-                          BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+                          BLOCK_S: tl.constexpr, BLOCK_E: tl.constexpr):
     """Per sequence, over its segments in order (or reversed): carried[s] = c; c = decay[s] * c + local[s].
 
     Forward: c starts at h0 and carried[s] is segment s's initial state. Backward (reversed): c starts at
-    the final state's gradient and carried[s] is the gradient reaching segment s's end.
+    the final state's gradient and carried[s] is the gradient reaching segment s's end. Each program takes
+    BLOCK_E state elements of every segment at once and composes the segments' maps with a parallel scan:
+    a walk from segment to segment waited on two loads per segment (139 us per layer for an 8K prefill).
     """
-    pid_d = tl.program_id(0)
+    pid_e = tl.program_id(0)
     row = tl.program_id(1)
-    offs_d, offs_n, _, _, mask_nd, nd = _state_tile(pid_d, d_inner, d_state, BLOCK_D, BLOCK_N)
-    if HAS_FIRST:
-        carry = tl.load(first_ptr + row * d_inner * d_state + nd, mask=mask_nd, other=0.0).to(tl.float32)
+    offs_e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
+    mask_e = offs_e < size
+    order = tl.arange(0, BLOCK_S)  # the walk's order
+    if REVERSE:
+        seg = n_segs - 1 - order
     else:
-        carry = tl.full((BLOCK_N, BLOCK_D), 0.0, tl.float32)
-    for i in range(0, n_segs):
-        if REVERSE:
-            seg = n_segs - 1 - i
-        else:
-            seg = i
-        offset = (row * n_segs + seg) * d_inner * d_state + nd
-        tl.store(carried_ptr + offset, carry, mask=mask_nd)
-        decay = tl.load(decay_ptr + offset, mask=mask_nd, other=0.0)
-        carry = decay * carry + tl.load(local_ptr + offset, mask=mask_nd, other=0.0)
+        seg = order
+    mask = (order < n_segs)[:, None] & mask_e[None, :]
+    offsets = (row * n_segs + seg)[:, None] * size + offs_e[None, :]
+    decay = tl.load(decay_ptr + offsets, mask=mask, other=1.0)
+    local = tl.load(local_ptr + offsets, mask=mask, other=0.0)
+    if HAS_FIRST:
+        first = tl.load(first_ptr + row * size + offs_e, mask=mask_e, other=0.0).to(tl.float32)
+    else:
+        first = tl.full((BLOCK_E,), 0.0, tl.float32)
+    local = tl.where((order == 0)[:, None], decay * first[None, :] + local, local)
+    _, after = tl.associative_scan((decay, local), 0, _then)  # c after each segment of the walk
+    if REVERSE:  # what leaves a segment enters the next one of the walk; the walk's first gets ``first``
+        seg_next, seg_first = seg - 1, n_segs - 1
+    else:
+        seg_next, seg_first = seg + 1, 0
+    tl.store(carried_ptr + (row * n_segs + seg_next)[:, None] * size + offs_e[None, :], after,
+             mask=(order + 1 < n_segs)[:, None] & mask_e[None, :])
+    tl.store(carried_ptr + (row * n_segs + seg_first) * size + offs_e, first, mask=mask_e)
 
 
 @triton.jit
@@ -414,9 +432,10 @@ def _segment_length(length: int, programs: int, multiprocessors: int, block_t: i
 # benchmarks/gpu.py --sweep-scan on an H100 (session 4): narrower backward tiles lose although they take fewer
 # registers (16 channels: 141 instead of 254 per thread; training 129K -> 80K bytes/s), so both directions
 # share BLOCK_D. bf16_states: saved chunk states in bf16 for bf16 inputs: 2.4 GB less at B4 x L8192 (23.0 vs
-# 25.4 GB), training 4% slower (129K vs 134K bytes/s at B16 x L2048).
+# 25.4 GB), training 4% slower (129K vs 134K bytes/s at B16 x L2048). carry_elements: the segments' carry
+# kernel's tile (segments x state elements), carry_warps its warps.
 CONFIG = dict(BLOCK_T=16, BLOCK_D=32, fwd_warps=1, bwd_warps=1, programs_per_sm=8, min_block_d=32,
-              segment_programs_per_sm=32, min_segment=64, carry_warps=1, bf16_states=True)
+              segment_programs_per_sm=32, min_segment=64, carry_warps=4, carry_elements=4096, bf16_states=True)
 
 
 @functools.cache
@@ -439,11 +458,14 @@ def _carry_across_segments(decay: Tensor, local: Tensor, first: Tensor | None, n
     """carried (batch * n_segs, d_state, d_inner): what enters each segment from the ones before it (after it
     when reverse); decay, local (batch * n_segs, d_state, d_inner); first (batch, d_state, d_inner) or None."""
     rows, d_state, d_inner = local.shape
+    size = d_state * d_inner
     carried = torch.empty_like(local)
-    _segment_carry_kernel[(triton.cdiv(d_inner, tiles["BLOCK_D"]), rows // n_segs)](
-        decay, local, local if first is None else first, carried, n_segs, d_inner, d_state,
+    block_s = max(2, triton.next_power_of_2(n_segs))
+    block_e = min(triton.next_power_of_2(size), max(16, CONFIG["carry_elements"] // block_s))
+    _segment_carry_kernel[(triton.cdiv(size, block_e), rows // n_segs)](
+        decay, local, local if first is None else first, carried, n_segs, size,
         HAS_FIRST=first is not None, REVERSE=reverse, num_warps=CONFIG["carry_warps"],
-        BLOCK_D=tiles["BLOCK_D"], BLOCK_N=tiles["BLOCK_N"])
+        BLOCK_S=block_s, BLOCK_E=block_e)
     return carried
 
 
