@@ -27,13 +27,12 @@ from mambabyte.ops.dispatch import selective_scan
 
 # one parameter at a time, in this order, the best value kept. SHARED tiles may set a row's arithmetic (the
 # reduction order), so they are the same at every batch (a verification span must give the bits of single
-# steps): scored by the summed relative time over all batches. PER_ROWS tiles (output widths, the same
-# additions unrolled) do not change a row's bits, so batch 1 keeps its own (CONFIG) and larger batches theirs
-# (MANY_ROWS). Programmatic dependent launch first, as the best tiles may depend on it.
+# steps): scored by the summed relative time over all batches. PER_ROWS tiles (output widths) do not change a
+# row's bits, so batch 1 keeps its own (CONFIG) and larger batches theirs (MANY_ROWS). Programmatic dependent launch first, as the best tiles may depend on it.
 SHARED = dict(pdl=[True, False], in_block_k=[64, 128, 256], out_block_k=[256, 512, 1024],
               conv_block_k=[64, 128, 256], conv_splits=[16, 24, 32], warps=[2, 4, 8], conv_warps=[None, 8],
               scan_programs_per_sm=[1, 2, 4, 8])
-PER_ROWS = dict(in_block_n=[16, 32, 64], out_block_n=[16, 32, 64], unroll_splits=[False, True])
+PER_ROWS = dict(in_block_n=[16, 32, 64], out_block_n=[16, 32, 64])
 HBM_BYTES_PER_S = 3.35e12  # H100 SXM datasheet
 
 
@@ -96,22 +95,25 @@ def sweep(model, batches: list[int], only: list[str] | None) -> None:
     print(f"best: CONFIG {triton_decode.CONFIG}, MANY_ROWS {triton_decode.MANY_ROWS}")
 
 
-def kernel_table(model, batch: int) -> None:
+def kernel_table(model, batch: int, span: int = 1) -> None:
+    """Device time of each kernel of one block reading ``span`` bytes per row (a span > 1 keeps the state after
+    every byte, as speculative decoding's verification does)."""
     block = model.layers[0]
-    hidden = torch.randn(batch, 1, model.config.d_model, device="cuda")
+    hidden = torch.randn(batch, span, model.config.d_model, device="cuda")
     state = block.mixer.init_state(batch, "cuda", torch.bfloat16)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
         for _ in range(50):
-            block._span_triton(hidden, state, keep_states=False)
+            block._span_triton(hidden, state, keep_states=span > 1)
         torch.cuda.synchronize()
-    print(f"\nkernels of one block step, batch {batch} (50 calls)")
+    what = "step" if span == 1 else f"verification span of {span} bytes"
+    print(f"\nkernels of one block {what}, batch {batch} (50 calls)")
     print(profile.key_averages().table(sort_by="cuda_time_total", row_limit=8, max_name_column_width=40))
 
 
 def prefill_table(model, length: int) -> None:
     """The user's path (``Decoder.start``) over a prompt of ``length`` bytes: median time per call, eagerly and
     from prompt graphs (``cuda_graphs.GRAPH_PROMPTS``), then the eager call's profile by host time (where a
-    short prompt's time goes) and by device time."""
+    short prompt's time goes) and the graph's by device time."""
     prompt = bytes(torch.randint(32, 127, (length - 1,)).tolist())  # start adds the 1-byte separator
     start = lambda: Decoder(model, Sampling(), [0]).start([prompt])  # noqa: E731
     chosen = cuda_graphs.GRAPH_PROMPTS
@@ -123,14 +125,14 @@ def prefill_table(model, length: int) -> None:
                                           else "eager (above MAX_BUCKET)")
         print(f"\nprefill of {length} bytes through Decoder.start, batch 1, {way}: median {took:.1f} ms "
               f"({length / took * 1e3:,.0f} bytes/s)")
-    cuda_graphs.GRAPH_PROMPTS = False  # the profile below: the eager read
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-    with torch.profiler.profile(activities=activities) as profile:
-        start()
-        torch.cuda.synchronize()
-    averages = profile.key_averages()
-    for key in ("cpu_time_total", "cuda_time_total"):
-        print(averages.table(sort_by=key, row_limit=12, max_name_column_width=50))
+    for graphs, key in ((False, "cpu_time_total"), (True, "cuda_time_total")):  # the eager host, the graph's device
+        cuda_graphs.GRAPH_PROMPTS = graphs
+        with torch.profiler.profile(activities=activities) as profile:
+            start()
+            torch.cuda.synchronize()
+        print(f"\n{'prompt graphs' if graphs else 'eager'}, by {key}:")
+        print(profile.key_averages().table(sort_by=key, row_limit=16, max_name_column_width=50))
     cuda_graphs.GRAPH_PROMPTS = chosen
 
 
@@ -185,6 +187,7 @@ def main() -> None:
             print(f"\n| batch {batch} | {took:.1f} us/step | {batch / took * 1e6:,.0f} bytes/s | "
                   f"HBM limit {limit:.1f} us/step ({batch / limit * 1e6:,.0f} bytes/s) |")
             kernel_table(model, batch)
+        kernel_table(model, 1, span=8)
         for length in args.prefill_lengths:
             prefill_table(model, length)
         launch_overhead(model)

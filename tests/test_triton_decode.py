@@ -84,18 +84,3 @@ def test_in_place_writes_the_next_state_over_the_current_one(block):
     assert conv is state.conv and ssm is state.ssm
     for got, want in zip((out, conv, ssm), expected):
         assert torch.equal(got, want)
-
-
-@torch.no_grad()
-def test_unrolled_split_sums_give_the_same_bits(block, monkeypatch):
-    """CONFIG["unroll_splits"]: the scan kernel adds the conv kernel's partial sums in an unrolled loop; the same
-    additions in the same order, so the same outputs and states, bit for bit."""
-    monkeypatch.setitem(triton_decode.CONFIG, "conv_block_k", 16)  # several splits at this size
-    state = random_state(block, 2, torch.float32, seed=7)
-    hidden = torch.randn(2, 3, block.norm.weight.shape[0], generator=torch.Generator().manual_seed(8))
-    runs = []
-    for unrolled in (False, True):
-        monkeypatch.setitem(triton_decode.CONFIG, "unroll_splits", unrolled)
-        runs.append(triton_decode.block_span(hidden, *block_weights(block), state.conv, state.ssm, keep_states=True))
-    for a, b in zip(*runs):
-        assert torch.equal(a, b)

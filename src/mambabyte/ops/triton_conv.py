@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from mambabyte.ops.triton_scan import interpreting, total
+from mambabyte.ops.triton_scan import as_int8, interpreting, total
 
 
 @triton.jit
@@ -170,7 +170,7 @@ def causal_conv1d_triton(x: Tensor, weight: Tensor, bias: Tensor, conv_state: Te
     if x.stride(-1) != 1:
         x = x.contiguous()
     state = None if conv_state is None else conv_state.to(x.dtype).contiguous()
-    reset_i8 = None if reset is None else reset.to(torch.int8)
+    reset_i8 = None if reset is None else as_int8(reset)
     out = _CausalConvTriton.apply(x, weight.reshape(channels, kernel), bias, state, reset_i8) if length else x.clone()
     prefix = x.new_zeros(batch, kernel - 1, channels) if state is None else state.transpose(1, 2)
     return out, _carried_window(x, prefix, reset, kernel)

@@ -36,15 +36,15 @@ from mambabyte.ops.triton_scan import interpreting, multiprocessors, sigmoid, so
 BLOCK_M = 16  # rows per program: tl.dot's smallest tile; decoding one row wastes the rest, the weights dominate
 # GPU tiles from benchmarks/decode_kernels.py's sweep on an H100 at bench-91m, bf16 (session 4: 421 us/step at
 # batch 1, 825 at batch 64): CONFIG, with MANY_ROWS over it for launches over more rows than BLOCK_M (batch 64).
-# MANY_ROWS may only hold what leaves each row's arithmetic unchanged (output tile widths, unroll_splits), so
-# that a span's rows give the bits of single steps. pdl: programmatic dependent launch where the GPU and Triton have it
+# MANY_ROWS may only hold output tile widths, which leave each row's arithmetic unchanged, so that a span's
+# rows give the bits of single steps. pdl: programmatic dependent launch where the GPU and Triton have it
 # (never under the interpreter): 509 -> 443 us/step at batch 1, 904 -> 829 at batch 64. conv_warps: the
-# conv + x_proj kernel's own warps (None: ``warps``). unroll_splits: the scan kernel adds the conv kernel's
-# split partial sums in an unrolled loop (the same bits, interpreter- and CUDA-tested; session 5 sweep: batch 1
-# 416.7 vs ~423 us/step, batch 64 1,117 vs 829). scan_programs_per_sm 1, 2 and 4: within 0.3% (8: +27% at 64).
+# conv + x_proj kernel's own warps (None: ``warps``). Session 5 sweep: scan_programs_per_sm 1, 2 and 4 within
+# 0.3% (8: +27% at batch 64). Tried and removed: the scan adding the split partial sums in an unrolled loop
+# (batch 1 416.7 vs ~423 us/step, batch 64 1,117 vs 829; and in fp32 not the bits of the loop on the GPU).
 CONFIG = dict(in_block_n=32, in_block_k=256, out_block_n=32, out_block_k=256, conv_block_k=128, conv_splits=24,
-              scan_programs_per_sm=4, warps=4, conv_warps=None, pdl=True, unroll_splits=True)
-MANY_ROWS = dict(in_block_n=64, out_block_n=64, unroll_splits=False)
+              scan_programs_per_sm=4, warps=4, conv_warps=None, pdl=True)
+MANY_ROWS = dict(in_block_n=64, out_block_n=64)
 
 
 def _tiles(rows: int) -> dict:
@@ -153,24 +153,11 @@ def _conv_x_proj_kernel(xz_ptr, conv_state_ptr, conv_w_ptr, conv_b_ptr, wx_ptr, 
 
 
 @triton.jit
-def _add_split(parts_ptr, s, M, m, n_out, dt_rank, d_state, offs_r, mask_r, offs_n, mask_n, dt_low, Bt, Ct):
-    """dt_proj's input, B and C of row m plus split s's partial x_proj sums."""
-    part = parts_ptr + (s * M + m) * n_out
-    dt_low += tl.load(part + offs_r, mask=mask_r, other=0.0)
-    Bt += tl.load(part + dt_rank + offs_n, mask=mask_n, other=0.0)
-    Ct += tl.load(part + dt_rank + d_state + offs_n, mask=mask_n, other=0.0)
-    return dt_low, Bt, Ct
-
-
-@triton.jit
 def _scan_kernel(xz_ptr, xc_ptr, parts_ptr, wdt_ptr, dt_bias_ptr, A_log_ptr, D_ptr, ssm_ptr, y_ptr, ssm_out_ptr,
                  M, span, d_inner, dt_rank, d_state, n_out, n_splits,
                  KEEP_STATES: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-                 UNROLLED_SPLITS: tl.constexpr, USE_PDL: tl.constexpr):
-    """dt_proj, softplus, the state update, readout, D skip and gate for BLOCK_D channels of one sequence.
-
-    UNROLLED_SPLITS (n_splits, or 0 for a loop): the splits' partial sums added in an unrolled loop, whose loads
-    can all be in flight at once; the same additions in the same order, so the same bits."""
+                 USE_PDL: tl.constexpr):
+    """dt_proj, softplus, the state update, readout, D skip and gate for BLOCK_D channels of one sequence."""
     b = tl.program_id(0)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_r = tl.arange(0, BLOCK_R)
@@ -192,14 +179,11 @@ def _scan_kernel(xz_ptr, xc_ptr, parts_ptr, wdt_ptr, dt_bias_ptr, A_log_ptr, D_p
         dt_low = tl.full((BLOCK_R,), 0.0, tl.float32)
         Bt = tl.full((BLOCK_N,), 0.0, tl.float32)
         Ct = tl.full((BLOCK_N,), 0.0, tl.float32)
-        if UNROLLED_SPLITS:
-            for s in tl.static_range(UNROLLED_SPLITS):
-                dt_low, Bt, Ct = _add_split(parts_ptr, s, M, m, n_out, dt_rank, d_state, offs_r, mask_r, offs_n,
-                                            mask_n, dt_low, Bt, Ct)
-        else:
-            for s in range(0, n_splits):
-                dt_low, Bt, Ct = _add_split(parts_ptr, s, M, m, n_out, dt_rank, d_state, offs_r, mask_r, offs_n,
-                                            mask_n, dt_low, Bt, Ct)
+        for s in range(0, n_splits):
+            part = parts_ptr + (s * M + m) * n_out
+            dt_low += tl.load(part + offs_r, mask=mask_r, other=0.0)
+            Bt += tl.load(part + dt_rank + offs_n, mask=mask_n, other=0.0)
+            Ct += tl.load(part + dt_rank + d_state + offs_n, mask=mask_n, other=0.0)
         delta = softplus(total(w_dt * dt_low[None, :], axis=1) + dt_bias)
         x = tl.load(xc_ptr + m * d_inner + offs_d, mask=mask_d, other=0.0)
         z = tl.load(xz_ptr + m * 2 * d_inner + d_inner + offs_d, mask=mask_d, other=0.0)
@@ -337,8 +321,7 @@ def block_span(hidden: Tensor, norm_weight: Tensor, eps: float, in_proj_weight: 
         xz, xc, parts, dt_proj_weight.contiguous(), dt_bias, A_log.contiguous(), D,
         ssm_state.float().contiguous(), y, ssm_out, M, span, d_inner, dt_rank, d_state, n_out, splits,
         KEEP_STATES=keep_states, BLOCK_D=block_d, BLOCK_R=_blocks(dt_rank),
-        BLOCK_N=max(2, triton.next_power_of_2(d_state)), UNROLLED_SPLITS=splits if tiles["unroll_splits"] else 0,
-        num_warps=4, **launch)
+        BLOCK_N=max(2, triton.next_power_of_2(d_state)), num_warps=4, **launch)
     out = torch.empty_like(rows)
     block_n, block_k = tiles["out_block_n"], tiles["out_block_k"]
     _out_proj_kernel[(triton.cdiv(M, BLOCK_M), triton.cdiv(d_model, block_n))](
