@@ -291,15 +291,16 @@ def test_speculative_greedy_equals_plain_greedy_in_bf16(weights):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_prompt_graphs_read_as_the_padded_eager_read(monkeypatch, dtype):
     """GRAPH_PROMPTS: a context read from the graph of its bucket gives bit for bit what the eager read of the
-    same left-padded bytes gives (graphs=False), close to the unpadded read; two contexts of one bucket share a
-    graph, and the first result survives the second read."""
+    same left-padded bytes gives (graphs=False), close to the unpadded read; two contexts of one length share a
+    graph, and the first result survives the second read; a context that fills its bucket has a graph without
+    reset flags."""
     from mambabyte import cuda_graphs, generate
 
     torch.manual_seed(0)
     model = build_model(MambaByteConfig(d_model=256, n_layer=3)).eval().cuda().to(dtype)
     tolerance = 1e-3 if dtype == torch.float32 else 0.15
     for length in (1, 63, 64, 65, 300):
-        ids, other = (torch.randint(0, 256, (2, n), device="cuda") for n in (length, cuda_graphs.bucket(length)))
+        ids, other = (torch.randint(0, 256, (2, length), device="cuda") for _ in range(2))
         monkeypatch.setattr(cuda_graphs, "GRAPH_PROMPTS", True)
         logits, state = generate.read_bytes(model, ids, dtype=dtype)
         generate.read_bytes(model, other, dtype=dtype)  # the same graph, other bytes
@@ -311,4 +312,5 @@ def test_prompt_graphs_read_as_the_padded_eager_read(monkeypatch, dtype):
             assert torch.equal(got.conv, want.conv) and torch.equal(got.ssm, want.ssm), length
         assert (logits - plain_logits).abs().max() < tolerance, length
     graphs = generate._PROMPT_GRAPHS[model][1]._graphs
-    assert set(graphs) == {(2, 64), (2, 128), (2, 512)} and all(graphs.values())  # captured, not eager
+    assert set(graphs) == {(2, 64, True), (2, 64, False), (2, 128, True), (2, 512, True)}  # (batch, bucket, reset)
+    assert all(graphs.values())  # captured, not eager

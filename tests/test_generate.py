@@ -267,6 +267,8 @@ def test_left_padded_context_reads_as_the_context(tiny_model):
     padded, reset = left_padded(ids)
     assert padded.shape == reset.shape == (2, bucket(70)) and torch.equal(padded[:, -70:], ids)
     assert reset.sum().item() == 2 and reset[:, bucket(70) - 70].all()
+    full = ids[:, :bucket(40)]
+    assert left_padded(full)[0] is full and left_padded(full)[1] is None  # fills its bucket: nothing to reset
     with torch.no_grad():
         want, want_state = tiny_model(ids, return_state=True)
         got, got_state = tiny_model(padded, return_state=True, reset=reset)

@@ -186,3 +186,20 @@ def test_conv_matches_reference(dtype, length, with_state, with_reset):
     assert_close_scaled(window, window_ref, dtype, "window")
     for name, grad in grads.items():
         assert_close_scaled(grad, grads_ref[name], dtype, f"grad {name}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("recording", [False, True])
+def test_conv_with_silu_matches_reference(dtype, recording):
+    """silu=True: SiLU fused into the kernel when no gradient is recorded, applied after it otherwise."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 19, 6, generator=g).to(dtype)
+    weight, bias = torch.randn(6, 1, 4, generator=g), torch.randn(6, generator=g)
+    state = torch.randn(2, 6, 3, generator=g).to(dtype)
+    reset = torch.rand(2, 19, generator=g) < 0.3
+    with torch.set_grad_enabled(recording):
+        out, window = causal_conv1d_triton(x.requires_grad_(recording), weight, bias, state, reset, silu=True)
+    out_ref, window_ref = causal_conv1d(x.detach(), weight, bias, state, reset, silu=True)
+    assert out.requires_grad == recording
+    assert_close_scaled(out, out_ref, dtype, "out")
+    assert torch.equal(window, window_ref)

@@ -63,11 +63,14 @@ def reads_in_buckets(ids: Tensor, longest: int) -> bool:
     return GRAPH_PROMPTS and ids.is_cuda and bucket(ids.shape[1]) <= min(MAX_BUCKET, longest)
 
 
-def left_padded(ids: Tensor) -> tuple[Tensor, Tensor]:
+def left_padded(ids: Tensor) -> tuple[Tensor, Tensor | None]:
     """ids (batch, length) -> (ids left-padded with zero bytes to the bucket, reset flags at the first real
-    byte): the padding never reaches the state, as when ``Decoder.start`` pads a batch."""
+    byte): the padding never reaches the state, as when ``Decoder.start`` pads a batch. A context that fills
+    its bucket needs no flags (None): the scan runs ~10% faster without them."""
     batch, length = ids.shape
     padding = bucket(length) - length
+    if not padding:
+        return ids, None
     padded = torch.cat([ids.new_zeros(batch, padding), ids], dim=1)
     reset = torch.zeros(batch, padding + length, dtype=torch.bool, device=ids.device)
     reset[:, padding] = True
@@ -80,35 +83,37 @@ class PromptGraphs:
     One graph per (batch, bucket) is captured at its first use; they share a memory pool.
     """
 
-    def __init__(self, forward: Callable[[Tensor, Tensor], tuple[Tensor, object]], device: torch.device,
+    def __init__(self, forward: Callable[[Tensor, Tensor | None], tuple[Tensor, object]], device: torch.device,
                  capture: GraphCapture | None = None):
         """``forward(ids, reset)`` -> (the last position's logits, the state): what a graph replays."""
         self.forward = forward
         self.device = device
         self.capture = capture or GraphCapture()
-        self._graphs: dict[tuple[int, int], tuple[Tensor, Tensor, torch.cuda.CUDAGraph, tuple] | None] = {}
+        self._graphs: dict[tuple[int, int, bool], tuple[Tensor, Tensor | None, torch.cuda.CUDAGraph, tuple] | None] = {}
         self._pool = None
 
-    def _captured(self, batch: int, length: int):
-        key = batch, length
+    def _captured(self, batch: int, length: int, has_reset: bool):
+        key = batch, length, has_reset
         if key not in self._graphs:
             ids = torch.zeros(batch, length, dtype=torch.long, device=self.device)
-            reset = torch.zeros(batch, length, dtype=torch.bool, device=self.device)
-            reset[:, 0] = True
+            reset = torch.zeros(batch, length, dtype=torch.bool, device=self.device) if has_reset else None
+            if has_reset:
+                reset[:, 0] = True
             graph, outputs = self.capture(lambda: self.forward(ids, reset), self.device, pool=self._pool)
             self._graphs[key] = None if graph is None else (ids, reset, graph, outputs)
             if graph is not None:
                 self._pool = graph.pool()
         return self._graphs[key]
 
-    def read(self, ids: Tensor, reset: Tensor) -> tuple[Tensor, object] | None:
-        """ids, reset (batch, length) -> (logits (batch, 256), state) as graph outputs (the next read overwrites
-        them), or None where capture failed."""
-        captured = self._captured(*ids.shape)
+    def read(self, ids: Tensor, reset: Tensor | None) -> tuple[Tensor, object] | None:
+        """ids, reset (batch, length) or None -> (logits (batch, 256), state) as graph outputs (the next read
+        overwrites them), or None where capture failed."""
+        captured = self._captured(*ids.shape, reset is not None)
         if captured is None:
             return None
         ids_buffer, reset_buffer, graph, outputs = captured
         ids_buffer.copy_(ids)
-        reset_buffer.copy_(reset)
+        if reset is not None:
+            reset_buffer.copy_(reset)
         graph.replay()
         return outputs

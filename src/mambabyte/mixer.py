@@ -22,8 +22,7 @@ RECOMPUTE_CONV_ON = ("cuda",)
 def conv_silu(x: Tensor, weight: Tensor, bias: Tensor, conv_state: Tensor | None, reset: Tensor | None,
               ) -> tuple[Tensor, Tensor]:
     """SiLU(causal conv(x)) and the conv's next window."""
-    x, conv_state = causal_conv1d(x, weight, bias, conv_state, reset)
-    return F.silu(x), conv_state
+    return causal_conv1d(x, weight, bias, conv_state, reset, silu=True)
 
 
 class LayerState(NamedTuple):

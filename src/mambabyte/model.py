@@ -47,7 +47,7 @@ class MambaBlock(nn.Module):
 
     def forward(self, hidden: Tensor, state: LayerState | None = None, reset: Tensor | None = None):
         out, state = self.mixer(self.norm(hidden), state, reset)
-        return hidden + out.float(), state
+        return hidden + out, state  # fp32 + bf16 adds in fp32, in one kernel
 
     def _span_triton(self, hidden: Tensor, state: LayerState, keep_states: bool = False, in_place: bool = False,
                      ) -> tuple[Tensor, LayerState]:
@@ -80,13 +80,13 @@ class MambaBlock(nn.Module):
                 m.x_proj.weight, m.dt_proj.weight, m.dt_proj.bias, m.A_log, m.D, m.out_proj.weight, state.conv, state.ssm)
             return hidden, LayerState(conv_state, ssm_state)
         out, state = self.mixer.step(self.norm(hidden), state)
-        return hidden + out.float(), state
+        return hidden + out, state
 
     def forward_states(self, hidden: Tensor, state: LayerState):
         if fused_span_applies(hidden):
             return self._span_triton(hidden, state, keep_states=True)
         out, states = self.mixer.forward_states(self.norm(hidden), state)
-        return hidden + out.float(), states
+        return hidden + out, states
 
 
 class MambaByteLM(nn.Module):

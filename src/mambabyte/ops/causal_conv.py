@@ -7,6 +7,7 @@ out_t = bias + sum_k weight[:, k] * x_{t - (K-1) + k}, where inputs before the s
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -17,9 +18,11 @@ def _segments(reset: Tensor, prefix: int) -> tuple[Tensor, Tensor]:
 
 
 def causal_conv1d(
-    x: Tensor, weight: Tensor, bias: Tensor, conv_state: Tensor | None = None, reset: Tensor | None = None
+    x: Tensor, weight: Tensor, bias: Tensor, conv_state: Tensor | None = None, reset: Tensor | None = None,
+    silu: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    """Returns (out (batch, length, channels), the next conv_state (batch, channels, K-1)).
+    """Returns (out (batch, length, channels), the next conv_state (batch, channels, K-1)); ``silu``: out is
+    SiLU(conv) (fused into the kernel where nothing needs gradients).
 
     CUDA tensors go to the Triton kernels (ops.triton_conv) where Triton is installed."""
     from mambabyte.ops.dispatch import TRITON_RUNS
@@ -27,7 +30,7 @@ def causal_conv1d(
     if x.is_cuda and TRITON_RUNS:
         from mambabyte.ops.triton_conv import causal_conv1d_triton
 
-        return causal_conv1d_triton(x, weight, bias, conv_state, reset)
+        return causal_conv1d_triton(x, weight, bias, conv_state, reset, silu)
     batch, length, channels = x.shape
     kernel = weight.shape[-1]
     weight = weight.reshape(channels, kernel)
@@ -47,7 +50,7 @@ def causal_conv1d(
     window = padded[:, padded.shape[1] - (kernel - 1) :]
     if reset is not None:
         window = window * (seg_padded[:, -(kernel - 1) :] == seg[:, -1:]).unsqueeze(-1).to(x.dtype)
-    return out, window.transpose(1, 2).contiguous()
+    return F.silu(out) if silu else out, window.transpose(1, 2).contiguous()
 
 
 def causal_conv1d_step(x: Tensor, weight: Tensor, bias: Tensor, conv_state: Tensor) -> tuple[Tensor, Tensor]:

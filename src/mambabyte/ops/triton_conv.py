@@ -10,17 +10,18 @@ positions, sliced in PyTorch.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from mambabyte.ops.triton_scan import as_int8, interpreting, total
+from mambabyte.ops.triton_scan import as_int8, interpreting, sigmoid, total
 
 
 @triton.jit
 def _conv_fwd_kernel(x_ptr, w_ptr, bias_ptr, state_ptr, reset_ptr, out_ptr, length, channels,
                      stride_xb, stride_xl, stride_rb, stride_rl,
-                     KERNEL: tl.constexpr, HAS_STATE: tl.constexpr, HAS_RESET: tl.constexpr,
+                     KERNEL: tl.constexpr, HAS_STATE: tl.constexpr, HAS_RESET: tl.constexpr, SILU: tl.constexpr,
                      BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_t, pid_d, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -42,6 +43,8 @@ def _conv_fwd_kernel(x_ptr, w_ptr, bias_ptr, state_ptr, reset_ptr, out_ptr, leng
             xs += tl.load(state_ptr + (pid_b * channels + d[None, :]) * (KERNEL - 1) + (s[:, None] + KERNEL - 1),
                           mask=in_state, other=0.0).to(tl.float32)
         acc += w[None, :] * xs
+    if SILU:
+        acc = acc * sigmoid(acc)
     tl.store(out_ptr + (pid_b * length + t[:, None]) * channels + d[None, :], acc,
              mask=mask_t[:, None] & mask_d[None, :])
 
@@ -99,21 +102,26 @@ def _reset_args(reset: Tensor | None, x: Tensor) -> tuple[Tensor, int, int]:
     return (x, 0, 0) if reset is None else (reset, *reset.stride())
 
 
+def _conv_forward(x: Tensor, weight: Tensor, bias: Tensor, conv_state: Tensor | None, reset_i8: Tensor | None,
+                  silu: bool) -> Tensor:
+    """The conv's output (batch, length, channels) in x's dtype, SiLU applied in the kernel if ``silu``."""
+    batch, length, channels = x.shape
+    tiles = _tiles(length)
+    out = torch.empty(batch, length, channels, device=x.device, dtype=x.dtype)
+    grid = (triton.cdiv(length, tiles["BLOCK_T"]), triton.cdiv(channels, tiles["BLOCK_D"]), batch)
+    reset_arg, stride_rb, stride_rl = _reset_args(reset_i8, x)
+    _conv_fwd_kernel[grid](x, weight, bias, x if conv_state is None else conv_state, reset_arg, out, length, channels,
+                           x.stride(0), x.stride(1), stride_rb, stride_rl, KERNEL=weight.shape[-1],
+                           HAS_STATE=conv_state is not None, HAS_RESET=reset_i8 is not None, SILU=silu, **tiles)
+    return out
+
+
 class _CausalConvTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, conv_state, reset_i8):
-        batch, length, channels = x.shape
-        kernel = weight.shape[-1]
-        tiles = _tiles(length)
-        out = torch.empty(batch, length, channels, device=x.device, dtype=x.dtype)
-        grid = (triton.cdiv(length, tiles["BLOCK_T"]), triton.cdiv(channels, tiles["BLOCK_D"]), batch)
-        reset_arg, stride_rb, stride_rl = _reset_args(reset_i8, x)
-        _conv_fwd_kernel[grid](x, weight, bias, x if conv_state is None else conv_state, reset_arg, out, length, channels,
-                               x.stride(0), x.stride(1), stride_rb, stride_rl, KERNEL=kernel,
-                               HAS_STATE=conv_state is not None, HAS_RESET=reset_i8 is not None, **tiles)
         ctx.save_for_backward(x, weight, conv_state, reset_i8)
-        ctx.tiles = tiles
-        return out
+        ctx.tiles = _tiles(x.shape[1])
+        return _conv_forward(x, weight, bias, conv_state, reset_i8, silu=False)
 
     @staticmethod
     def backward(ctx, dout):
@@ -155,22 +163,35 @@ def _carried_window(x: Tensor, prefix: Tensor, reset: Tensor | None, kernel: int
     """The last K-1 inputs (batch, channels, K-1), zero where an earlier document ends before the last position."""
     batch, length, _ = x.shape
     window = torch.cat([prefix, x[:, max(0, length - (kernel - 1)):]], dim=1)[:, -(kernel - 1):]
-    if reset is not None:
-        resets_from = torch.cat([reset.flip(1).cumsum(1).flip(1), reset.new_zeros(batch, 1, dtype=torch.long)], dim=1)
-        after = (torch.arange(length - (kernel - 1), length, device=x.device) + 1).clamp(min=0)
-        window = window * (resets_from[:, after] == 0).unsqueeze(-1).to(x.dtype)
+    if reset is not None and kernel > 2:
+        # slot j holds position length - (K-1) + j: a document starting at any later position drops it, so only
+        # the last K-2 flags matter (a few small kernels per layer whatever the length)
+        later = reset[:, max(0, length - (kernel - 2)):]
+        later = torch.cat([later.new_zeros(batch, kernel - 2 - later.shape[1]), later], dim=1)
+        starts_after = later.flip(1).cumsum(1).flip(1)  # [:, j]: documents starting after slot j
+        keep = torch.cat([starts_after == 0, later.new_ones(batch, 1)], dim=1)
+        window = window * keep.unsqueeze(-1).to(x.dtype)
     return window.transpose(1, 2).contiguous()
 
 
 def causal_conv1d_triton(x: Tensor, weight: Tensor, bias: Tensor, conv_state: Tensor | None = None,
-                         reset: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Returns (out (batch, length, channels) in x's dtype, the next conv_state (batch, channels, K-1))."""
+                         reset: Tensor | None = None, silu: bool = False) -> tuple[Tensor, Tensor]:
+    """Returns (out (batch, length, channels) in x's dtype, the next conv_state (batch, channels, K-1)); with
+    ``silu`` out is SiLU(conv): in the kernel when no gradient is recorded, else by F.silu on the output."""
     batch, length, channels = x.shape
     kernel = weight.shape[-1]
     if x.stride(-1) != 1:
         x = x.contiguous()
     state = None if conv_state is None else conv_state.to(x.dtype).contiguous()
     reset_i8 = None if reset is None else as_int8(reset)
-    out = _CausalConvTriton.apply(x, weight.reshape(channels, kernel), bias, state, reset_i8) if length else x.clone()
+    weight = weight.reshape(channels, kernel)
+    recording = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, state))
+    if not length:
+        out = x.clone()
+    elif recording:
+        out = _CausalConvTriton.apply(x, weight, bias, state, reset_i8)
+        out = F.silu(out) if silu else out
+    else:
+        out = _conv_forward(x, weight, bias, state, reset_i8, silu)
     prefix = x.new_zeros(batch, kernel - 1, channels) if state is None else state.transpose(1, 2)
     return out, _carried_window(x, prefix, reset, kernel)

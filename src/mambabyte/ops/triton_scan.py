@@ -142,7 +142,7 @@ def _scan_fwd_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, dt_bias_ptr, z_p
                                                                  stride_zl, stride_rl)
     y_ptr += (row * length + t0) * d_inner
     offs_d, offs_n, mask_d, mask_n, mask_nd, nd = _state_tile(pid_d, d_inner, d_state, BLOCK_D, BLOCK_N)
-    A = tl.load(A_ptr + offs_d[None, :] * d_state + offs_n[:, None], mask=mask_nd, other=0.0)  # A is (D, N)
+    A = tl.load(A_ptr + nd, mask=mask_nd, other=0.0).to(tl.float32)
     Dskip = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     dt_bias = tl.load(dt_bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     state_offset = pid_b * d_inner * d_state
@@ -261,7 +261,7 @@ def _scan_bwd_carry_kernel(dt_ptr, A_ptr, C_ptr, dt_bias_ptr, z_ptr, reset_ptr, 
     pid_b = tl.program_id(1)
     row, t0, seg_length = _segment(pid_b, length, seg_len, n_segs)
     offs_d, offs_n, mask_d, mask_n, mask_nd, nd = _state_tile(pid_d, d_inner, d_state, BLOCK_D, BLOCK_N)
-    A = tl.load(A_ptr + offs_d[None, :] * d_state + offs_n[:, None], mask=mask_nd, other=0.0)  # A is (D, N)
+    A = tl.load(A_ptr + nd, mask=mask_nd, other=0.0).to(tl.float32)
     dt_bias = tl.load(dt_bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     flowing = tl.full((BLOCK_N, BLOCK_D), 0.0, tl.float32)
     dt, Ct, dy, starts = _load_adjoint_position(
@@ -311,7 +311,7 @@ def _scan_bwd_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, dt_bias_ptr, z_p
                                                                  stride_zl, stride_rl)
     first = row * length + t0  # the segment's first position among the batch * length rows of dy, dx, dB ...
     offs_d, offs_n, mask_d, mask_n, mask_nd, nd = _state_tile(pid_d, d_inner, d_state, BLOCK_D, BLOCK_N)
-    A = tl.load(A_ptr + offs_d[None, :] * d_state + offs_n[:, None], mask=mask_nd, other=0.0)  # A is (D, N)
+    A = tl.load(A_ptr + nd, mask=mask_nd, other=0.0).to(tl.float32)
     Dskip = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     dt_bias = tl.load(dt_bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     state_offset = pid_b * d_inner * d_state
@@ -492,8 +492,8 @@ class _SelectiveScanTriton(torch.autograd.Function):
                                       tiles["BLOCK_T"])
         n_segs = triton.cdiv(length, seg_len)
         rows = batch * n_segs  # one row of programs per segment
-        # the kernels keep states as (d_state, d_inner): channels contiguous; they read D and dt_bias in any dtype
-        A, D, dt_bias = A.float().contiguous(), D.contiguous(), dt_bias.contiguous()
+        # the kernels keep states and A as (d_state, d_inner): channels contiguous; D and dt_bias in any dtype
+        A, D, dt_bias = A.float().t().contiguous(), D.contiguous(), dt_bias.contiguous()
         h0 = None if initial_state is None else initial_state.float().transpose(1, 2).contiguous()
         reset_i8 = None if reset is None else as_int8(reset)
         save = any(ctx.needs_input_grad)
@@ -533,7 +533,7 @@ class _SelectiveScanTriton(torch.autograd.Function):
         x, dt, A, B, C, D, dt_bias, z, reset_i8, chunk_states, decay = ctx.saved_tensors
         tiles, seg_len, has_h0 = ctx.shapes
         batch, length, d_inner = x.shape
-        d_state = A.shape[1]
+        d_state = A.shape[0]
         n_segs = triton.cdiv(length, seg_len)
         rows = batch * n_segs
         dy = dy.contiguous()
