@@ -45,9 +45,9 @@ class GraphCapture:
 
 
 # Prompt reading in power-of-two buckets, from CUDA graphs where allowed (tests/test_cuda_paths.py checks its
-# bits). benchmarks/decode_kernels.py on an H100 at bench-91m, through Decoder.start: 1K bytes 49.7 -> 8.5 ms,
-# 8K bytes 56.4 -> 23.7 ms; a bucket's first read captures its graph (a few eager reads' time, once per
-# process). MAMBABYTE_GRAPH_PROMPTS=0 turns it off.
+# bits). benchmarks/decode_kernels.py on an H100 at bench-91m, through Decoder.start: 1K bytes 31-50 -> 6.1 ms,
+# 8K bytes 30-56 -> 15.6 ms (BENCHMARKS.md, session 5); a bucket's first read captures its graph (a few eager
+# reads' time, once per process). MAMBABYTE_GRAPH_PROMPTS=0 turns it off.
 GRAPH_PROMPTS = os.environ.get("MAMBABYTE_GRAPH_PROMPTS", "1") != "0"
 MIN_BUCKET, MAX_BUCKET = 64, 8192  # context lengths read in buckets: padded to a power of two in this range
 
