@@ -155,13 +155,9 @@ def _conv_x_proj_kernel(xz_ptr, conv_state_ptr, conv_w_ptr, conv_b_ptr, wx_ptr, 
 @triton.jit
 def _scan_kernel(xz_ptr, xc_ptr, parts_ptr, wdt_ptr, dt_bias_ptr, A_log_ptr, D_ptr, ssm_ptr, y_ptr, ssm_out_ptr,
                  M, span, d_inner, dt_rank, d_state, n_out, n_splits,
-                 KEEP_STATES: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
-                 BLOCK_N: tl.constexpr, USE_PDL: tl.constexpr):
-    """dt_proj, softplus, the state update, readout, D skip and gate for BLOCK_D channels of one sequence.
-
-    The conv kernel's split partial sums of x_proj are added for every position of the span (BLOCK_S >= span)
-    before the walk, split after split as a single step adds them: the same bits, and a span's walk no longer
-    waits on n_splits loads per position."""
+                 KEEP_STATES: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+                 USE_PDL: tl.constexpr):
+    """dt_proj, softplus, the state update, readout, D skip and gate for BLOCK_D channels of one sequence."""
     b = tl.program_id(0)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_r = tl.arange(0, BLOCK_R)
@@ -178,22 +174,16 @@ def _scan_kernel(xz_ptr, xc_ptr, parts_ptr, wdt_ptr, dt_bias_ptr, A_log_ptr, D_p
     dt_bias = tl.load(dt_bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     _wait_for_previous_kernel(USE_PDL)  # the parameters above are loaded while the previous kernel runs
     h = tl.load(ssm_ptr + b * d_inner * d_state + dn, mask=mask_dn, other=0.0)
-    offs_s = tl.arange(0, BLOCK_S)
-    mask_s = offs_s < span
-    dt_all = tl.full((BLOCK_S, BLOCK_R), 0.0, tl.float32)
-    B_all = tl.full((BLOCK_S, BLOCK_N), 0.0, tl.float32)
-    C_all = tl.full((BLOCK_S, BLOCK_N), 0.0, tl.float32)
-    for s in range(0, n_splits):
-        part = parts_ptr + (s * M + b * span + offs_s)[:, None] * n_out
-        dt_all += tl.load(part + offs_r[None, :], mask=mask_s[:, None] & mask_r[None, :], other=0.0)
-        B_all += tl.load(part + dt_rank + offs_n[None, :], mask=mask_s[:, None] & mask_n[None, :], other=0.0)
-        C_all += tl.load(part + dt_rank + d_state + offs_n[None, :], mask=mask_s[:, None] & mask_n[None, :], other=0.0)
     for t in range(0, span):
         m = b * span + t
-        at_t = (offs_s == t)[:, None]  # position t's row, picked exactly (the other terms are zeros)
-        dt_low = total(tl.where(at_t, dt_all, 0.0), axis=0)
-        Bt = total(tl.where(at_t, B_all, 0.0), axis=0)
-        Ct = total(tl.where(at_t, C_all, 0.0), axis=0)
+        dt_low = tl.full((BLOCK_R,), 0.0, tl.float32)
+        Bt = tl.full((BLOCK_N,), 0.0, tl.float32)
+        Ct = tl.full((BLOCK_N,), 0.0, tl.float32)
+        for s in range(0, n_splits):
+            part = parts_ptr + (s * M + m) * n_out
+            dt_low += tl.load(part + offs_r, mask=mask_r, other=0.0)
+            Bt += tl.load(part + dt_rank + offs_n, mask=mask_n, other=0.0)
+            Ct += tl.load(part + dt_rank + d_state + offs_n, mask=mask_n, other=0.0)
         delta = softplus(total(w_dt * dt_low[None, :], axis=1) + dt_bias)
         x = tl.load(xc_ptr + m * d_inner + offs_d, mask=mask_d, other=0.0)
         z = tl.load(xz_ptr + m * 2 * d_inner + d_inner + offs_d, mask=mask_d, other=0.0)
@@ -330,7 +320,7 @@ def block_span(hidden: Tensor, norm_weight: Tensor, eps: float, in_proj_weight: 
     _scan_kernel[(batch, triton.cdiv(d_inner, block_d))](
         xz, xc, parts, dt_proj_weight.contiguous(), dt_bias, A_log.contiguous(), D,
         ssm_state.float().contiguous(), y, ssm_out, M, span, d_inner, dt_rank, d_state, n_out, splits,
-        KEEP_STATES=keep_states, BLOCK_S=triton.next_power_of_2(span), BLOCK_D=block_d, BLOCK_R=_blocks(dt_rank),
+        KEEP_STATES=keep_states, BLOCK_D=block_d, BLOCK_R=_blocks(dt_rank),
         BLOCK_N=max(2, triton.next_power_of_2(d_state)), num_warps=4, **launch)
     out = torch.empty_like(rows)
     block_n, block_k = tiles["out_block_n"], tiles["out_block_k"]
