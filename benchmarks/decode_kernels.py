@@ -31,7 +31,7 @@ from mambabyte.ops.dispatch import selective_scan
 # row's bits, so batch 1 keeps its own (CONFIG) and larger batches theirs (MANY_ROWS). Programmatic dependent launch first, as the best tiles may depend on it.
 SHARED = dict(pdl=[True, False], in_block_k=[64, 128, 256], out_block_k=[256, 512, 1024],
               conv_block_k=[64, 128, 256], conv_splits=[16, 24, 32], warps=[2, 4, 8], conv_warps=[None, 8],
-              scan_programs_per_sm=[1, 2, 4, 8], scan_span_block=[8, 4, 16])
+              scan_programs_per_sm=[1, 2, 4, 8])
 PER_ROWS = dict(in_block_n=[16, 32, 64], out_block_n=[16, 32, 64])
 HBM_BYTES_PER_S = 3.35e12  # H100 SXM datasheet
 

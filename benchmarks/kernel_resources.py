@@ -44,7 +44,7 @@ VARIANTS = [
        dict(KCONV=4, KEEP_STATES=False, BLOCK_M=16, BLOCK_K=block_k, BLOCK_R=128, PRECISION="tf32", USE_PDL=False),
        warps) for block_k, warps in ((128, 4), (64, 8))],
     ("decode scan", triton_decode._scan_kernel,
-     dict(KEEP_STATES=False, BLOCK_S=8, BLOCK_D=16, BLOCK_R=64, BLOCK_N=16, USE_PDL=False), 4),
+     dict(KEEP_STATES=False, BLOCK_D=16, BLOCK_R=64, BLOCK_N=16, USE_PDL=False), 4),
     ("decode out_proj + residual", triton_decode._out_proj_kernel,
      dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, PRECISION="tf32", USE_PDL=False), 4),
 ]

@@ -49,9 +49,7 @@ def test_block_span_matches_the_pytorch_block(block, dtype, batch, span):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("span_block", [8, 4, 1])  # a span in one block of positions, in two, one at a time
-def test_span_equals_its_steps(block, span_block, monkeypatch):
-    monkeypatch.setitem(triton_decode.CONFIG, "scan_span_block", span_block)
+def test_span_equals_its_steps(block):
     state = random_state(block, 2, torch.float32, seed=3)
     hidden = torch.randn(2, 6, block.norm.weight.shape[0], generator=torch.Generator().manual_seed(4))
     span_out, conv, ssm = triton_decode.block_span(hidden, *block_weights(block), state.conv, state.ssm)

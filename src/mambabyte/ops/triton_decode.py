@@ -42,10 +42,8 @@ BLOCK_M = 16  # rows per program: tl.dot's smallest tile; decoding one row waste
 # conv + x_proj kernel's own warps (None: ``warps``). Session 5 sweep: scan_programs_per_sm 1, 2 and 4 within
 # 0.3% (8: +27% at batch 64). Tried and removed: the scan adding the split partial sums in an unrolled loop
 # (batch 1 416.7 vs ~423 us/step, batch 64 1,117 vs 829; and in fp32 not the bits of the loop on the GPU).
-# scan_span_block: positions whose split partial sums the scan adds before walking them (one value for all
-# launches: a span's block size that followed its length gave other bits than a step's, session 5).
 CONFIG = dict(in_block_n=32, in_block_k=256, out_block_n=32, out_block_k=256, conv_block_k=128, conv_splits=24,
-              scan_programs_per_sm=4, warps=4, conv_warps=None, pdl=True, scan_span_block=8)
+              scan_programs_per_sm=4, warps=4, conv_warps=None, pdl=True)
 MANY_ROWS = dict(in_block_n=64, out_block_n=64)
 
 
@@ -157,13 +155,9 @@ def _conv_x_proj_kernel(xz_ptr, conv_state_ptr, conv_w_ptr, conv_b_ptr, wx_ptr, 
 @triton.jit
 def _scan_kernel(xz_ptr, xc_ptr, parts_ptr, wdt_ptr, dt_bias_ptr, A_log_ptr, D_ptr, ssm_ptr, y_ptr, ssm_out_ptr,
                  M, span, d_inner, dt_rank, d_state, n_out, n_splits,
-                 KEEP_STATES: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
-                 BLOCK_N: tl.constexpr, USE_PDL: tl.constexpr):
-    """dt_proj, softplus, the state update, readout, D skip and gate for BLOCK_D channels of one sequence.
-
-    Positions go BLOCK_S at a time: the conv kernel's split partial sums of x_proj are first added for all of
-    them (split by split, in a step's order), so a span's walk does not wait on n_splits loads per position.
-    BLOCK_S must be the same for every launch: a step and a span then run the same code, the same bits."""
+                 KEEP_STATES: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+                 USE_PDL: tl.constexpr):
+    """dt_proj, softplus, the state update, readout, D skip and gate for BLOCK_D channels of one sequence."""
     b = tl.program_id(0)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_r = tl.arange(0, BLOCK_R)
@@ -180,32 +174,24 @@ def _scan_kernel(xz_ptr, xc_ptr, parts_ptr, wdt_ptr, dt_bias_ptr, A_log_ptr, D_p
     dt_bias = tl.load(dt_bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     _wait_for_previous_kernel(USE_PDL)  # the parameters above are loaded while the previous kernel runs
     h = tl.load(ssm_ptr + b * d_inner * d_state + dn, mask=mask_dn, other=0.0)
-    for t0 in range(0, span, BLOCK_S):
-        ts = t0 + tl.arange(0, BLOCK_S)
-        mask_s = ts < span
-        dt_block = tl.full((BLOCK_S, BLOCK_R), 0.0, tl.float32)
-        B_block = tl.full((BLOCK_S, BLOCK_N), 0.0, tl.float32)
-        C_block = tl.full((BLOCK_S, BLOCK_N), 0.0, tl.float32)
+    for t in range(0, span):
+        m = b * span + t
+        dt_low = tl.full((BLOCK_R,), 0.0, tl.float32)
+        Bt = tl.full((BLOCK_N,), 0.0, tl.float32)
+        Ct = tl.full((BLOCK_N,), 0.0, tl.float32)
         for s in range(0, n_splits):
-            part = parts_ptr + (s * M + b * span + ts)[:, None] * n_out
-            dt_block += tl.load(part + offs_r[None, :], mask=mask_s[:, None] & mask_r[None, :], other=0.0)
-            B_block += tl.load(part + dt_rank + offs_n[None, :], mask=mask_s[:, None] & mask_n[None, :], other=0.0)
-            C_block += tl.load(part + dt_rank + d_state + offs_n[None, :], mask=mask_s[:, None] & mask_n[None, :],
-                               other=0.0)
-        for t in range(t0, tl.minimum(t0 + BLOCK_S, span)):
-            m = b * span + t
-            at_t = (ts == t)[:, None]  # position t's row, picked exactly (the other terms are zeros)
-            dt_low = total(tl.where(at_t, dt_block, 0.0), axis=0)
-            Bt = total(tl.where(at_t, B_block, 0.0), axis=0)
-            Ct = total(tl.where(at_t, C_block, 0.0), axis=0)
-            delta = softplus(total(w_dt * dt_low[None, :], axis=1) + dt_bias)
-            x = tl.load(xc_ptr + m * d_inner + offs_d, mask=mask_d, other=0.0)
-            z = tl.load(xz_ptr + m * 2 * d_inner + d_inner + offs_d, mask=mask_d, other=0.0)
-            h = tl.exp(delta[:, None] * A) * h + (delta * x)[:, None] * Bt[None, :]
-            y = (total(h * Ct[None, :], axis=1) + Dskip * x) * z * sigmoid(z)
-            tl.store(y_ptr + m * d_inner + offs_d, y, mask=mask_d)
-            if KEEP_STATES:
-                tl.store(ssm_out_ptr + m * d_inner * d_state + dn, h, mask=mask_dn)
+            part = parts_ptr + (s * M + m) * n_out
+            dt_low += tl.load(part + offs_r, mask=mask_r, other=0.0)
+            Bt += tl.load(part + dt_rank + offs_n, mask=mask_n, other=0.0)
+            Ct += tl.load(part + dt_rank + d_state + offs_n, mask=mask_n, other=0.0)
+        delta = softplus(total(w_dt * dt_low[None, :], axis=1) + dt_bias)
+        x = tl.load(xc_ptr + m * d_inner + offs_d, mask=mask_d, other=0.0)
+        z = tl.load(xz_ptr + m * 2 * d_inner + d_inner + offs_d, mask=mask_d, other=0.0)
+        h = tl.exp(delta[:, None] * A) * h + (delta * x)[:, None] * Bt[None, :]
+        y = (total(h * Ct[None, :], axis=1) + Dskip * x) * z * sigmoid(z)
+        tl.store(y_ptr + m * d_inner + offs_d, y, mask=mask_d)
+        if KEEP_STATES:
+            tl.store(ssm_out_ptr + m * d_inner * d_state + dn, h, mask=mask_dn)
     if not KEEP_STATES:
         tl.store(ssm_out_ptr + b * d_inner * d_state + dn, h, mask=mask_dn)
 
@@ -334,7 +320,7 @@ def block_span(hidden: Tensor, norm_weight: Tensor, eps: float, in_proj_weight: 
     _scan_kernel[(batch, triton.cdiv(d_inner, block_d))](
         xz, xc, parts, dt_proj_weight.contiguous(), dt_bias, A_log.contiguous(), D,
         ssm_state.float().contiguous(), y, ssm_out, M, span, d_inner, dt_rank, d_state, n_out, splits,
-        KEEP_STATES=keep_states, BLOCK_S=CONFIG["scan_span_block"], BLOCK_D=block_d, BLOCK_R=_blocks(dt_rank),
+        KEEP_STATES=keep_states, BLOCK_D=block_d, BLOCK_R=_blocks(dt_rank),
         BLOCK_N=max(2, triton.next_power_of_2(d_state)), num_warps=4, **launch)
     out = torch.empty_like(rows)
     block_n, block_k = tiles["out_block_n"], tiles["out_block_k"]
