@@ -167,7 +167,8 @@ def _carried_window(x: Tensor, prefix: Tensor, reset: Tensor | None, kernel: int
         # slot j holds position length - (K-1) + j: a document starting at any later position drops it, so only
         # the last K-2 flags matter (a few small kernels per layer whatever the length)
         later = reset[:, max(0, length - (kernel - 2)):]
-        later = torch.cat([later.new_zeros(batch, kernel - 2 - later.shape[1]), later], dim=1)
+        if later.shape[1] < kernel - 2:  # fewer positions than slots: none before the first
+            later = torch.cat([later.new_zeros(batch, kernel - 2 - later.shape[1]), later], dim=1)
         starts_after = later.flip(1).cumsum(1).flip(1)  # [:, j]: documents starting after slot j
         keep = torch.cat([starts_after == 0, later.new_ones(batch, 1)], dim=1)
         window = window * keep.unsqueeze(-1).to(x.dtype)
