@@ -458,7 +458,7 @@ def _rows_contiguous(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _carry_across_segments(decay: Tensor, local: Tensor, first: Tensor | None, n_segs: int, tiles: dict,
+def _carry_across_segments(decay: Tensor, local: Tensor, first: Tensor | None, n_segs: int,
                            reverse: bool) -> Tensor:
     """carried (batch * n_segs, d_state, d_inner): what enters each segment from the ones before it (after it
     when reverse); decay, local (batch * n_segs, d_state, d_inner); first (batch, d_state, d_inner) or None."""
@@ -520,7 +520,7 @@ class _SelectiveScanTriton(torch.autograd.Function):
 
         if n_segs > 1:  # each segment's end state from zero, then the true initial state of every segment
             scan(None, carry_pass=True)
-            h0 = _carry_across_segments(decay, ends, h0, n_segs, tiles, reverse=False)
+            h0 = _carry_across_segments(decay, ends, h0, n_segs, reverse=False)
         scan(h0, carry_pass=False)
         if save:
             ctx.save_for_backward(x, dt, A, B, C, D, dt_bias, z, reset_i8, chunk_states, decay)
@@ -549,7 +549,7 @@ class _SelectiveScanTriton(torch.autograd.Function):
                 *_row_strides(dt), *_row_strides(C), *_row_strides(z_arg), *reset_strides,
                 HAS_Z=z is not None, HAS_RESET=reset_i8 is not None, num_warps=CONFIG["bwd_warps"],
                 BLOCK_D=tiles["BLOCK_D"], BLOCK_N=tiles["BLOCK_N"])
-            dfinal = _carry_across_segments(decay, dstarts, dfinal, n_segs, tiles, reverse=True)
+            dfinal = _carry_across_segments(decay, dstarts, dfinal, n_segs, reverse=True)
         dx = torch.empty_like(x, memory_format=torch.contiguous_format)
         ddt = torch.empty_like(dt, memory_format=torch.contiguous_format)
         dz = None if z is None else torch.empty_like(z, memory_format=torch.contiguous_format)
