@@ -16,8 +16,10 @@ decoding's verification agrees exactly with plain decoding. Conv inputs are roun
 dtype before use, as they are when they come back from the state.
 
 Programmatic dependent launch (Hopper, ``CONFIG["pdl"]``): each kernel is launched while the previous one
-runs, loads what no earlier kernel writes (weights, parameters) and then waits (``gdc_wait``) for the previous
-kernel to finish before it reads an activation or writes anything, so kernel launch gaps overlap work.
+runs, asks L2 for its weights (``prefetch``), loads what the previous kernel does not write (parameters; the
+scan's state and out_proj's residual, written at least two launches before: a launch starts only once the
+kernel before its predecessor has finished) and then waits (``gdc_wait``) for the previous kernel to finish
+before it reads that kernel's output or writes anything, so launch gaps and memory latency overlap work.
 
 Runs on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (how CI tests it).
 """
@@ -40,10 +42,15 @@ BLOCK_M = 16  # rows per program: tl.dot's smallest tile; decoding one row waste
 # rows give the bits of single steps. pdl: programmatic dependent launch where the GPU and Triton have it
 # (never under the interpreter): 509 -> 443 us/step at batch 1, 904 -> 829 at batch 64. conv_warps: the
 # conv + x_proj kernel's own warps (None: ``warps``). Session 5 sweep: scan_programs_per_sm 1, 2 and 4 within
-# 0.3% (8: +27% at batch 64). Tried and removed: the scan adding the split partial sums in an unrolled loop
-# (batch 1 416.7 vs ~423 us/step, batch 64 1,117 vs 829; and in fp32 not the bits of the loop on the GPU).
+# 0.3% (8: +27% at batch 64). prefetch (L2 prefetch of the weights before waiting, with pdl) and the scan's
+# state and out_proj's residual loaded before waiting: 424 -> 388 us/step at batch 1, 820 -> 791 at batch 64
+# (session 6). Tried and removed: the scan adding the split partial sums in an unrolled loop (batch 1 416.7 vs
+# ~423 us/step, batch 64 1,117 vs 829; and in fp32 not the bits of the loop on the GPU); the scan loading every
+# split's share as one tile (session 6: batch 1 387 -> ~370 us/step, but at batch 64 the registers cost 2x in
+# the scan, and in fp32 a span kept other state bits than its steps); the last conv program of a row block
+# adding the shares (a ticket counter: its serial loads cost 6 us per layer).
 CONFIG = dict(in_block_n=32, in_block_k=256, out_block_n=32, out_block_k=256, conv_block_k=128, conv_splits=24,
-              scan_programs_per_sm=4, warps=4, conv_warps=None, pdl=True)
+              scan_programs_per_sm=4, warps=4, conv_warps=None, pdl=True, prefetch=True)
 MANY_ROWS = dict(in_block_n=64, out_block_n=64)
 
 
@@ -70,6 +77,17 @@ def _wait_for_previous_kernel(USE_PDL: tl.constexpr):
 
 
 @triton.jit
+def _prefetch_rows(row_ptrs, mask_rows, row_elements, LINES: tl.constexpr, LINE_ELEMENTS: tl.constexpr):
+    """Ask L2 for the first ``row_elements`` elements after each of ``row_ptrs`` (one prefetch per 128-byte
+    line), without waiting for them: a kernel does it before ``gdc_wait`` for weights no kernel writes."""
+    lines = tl.arange(0, LINES) * LINE_ELEMENTS
+    mask = mask_rows[:, None] & (lines < row_elements)[None, :]
+    tl.inline_asm_elementwise("{ .reg .pred p; setp.ne.u32 p, $2, 0; @p prefetch.global.L2 [$1]; } mov.u32 $0, 0;",
+                              "=r,l,r", [row_ptrs[:, None] + lines[None, :], mask.to(tl.int32)], dtype=tl.int32,
+                              is_pure=False, pack=1)
+
+
+@triton.jit
 def _dot(a, w, PRECISION: tl.constexpr):
     """a @ w with fp32 accumulation; a is cast to w's dtype first."""
     if PRECISION == "upcast":
@@ -80,12 +98,16 @@ def _dot(a, w, PRECISION: tl.constexpr):
 @triton.jit
 def _norm_linear_kernel(h_ptr, norm_ptr, w_ptr, out_ptr, M, K, N, eps,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        PRECISION: tl.constexpr, USE_PDL: tl.constexpr):
+                        PRECISION: tl.constexpr, USE_PDL: tl.constexpr, PREFETCH: tl.constexpr, LINES: tl.constexpr,
+                        LINE_ELEMENTS: tl.constexpr):
     """out (M, N) fp32 = (rms_norm(h) in the weights' dtype * norm) @ w.T; h (M, K) fp32, w (N, K)."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = rows < M
     mask_n = cols < N
+    if PREFETCH:
+        if tl.program_id(0) == 0:  # one program per weight tile asks
+            _prefetch_rows(w_ptr + cols * K, mask_n, K, LINES, LINE_ELEMENTS)
     _wait_for_previous_kernel(USE_PDL)
     squares = tl.full((BLOCK_M,), 0.0, tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -111,7 +133,8 @@ def _norm_linear_kernel(h_ptr, norm_ptr, w_ptr, out_ptr, M, K, N, eps,
 def _conv_x_proj_kernel(xz_ptr, conv_state_ptr, conv_w_ptr, conv_b_ptr, wx_ptr, xc_ptr, parts_ptr, conv_out_ptr,
                         M, span, d_inner, n_out, per_split,
                         KCONV: tl.constexpr, KEEP_STATES: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr, USE_PDL: tl.constexpr):
+                        BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr, USE_PDL: tl.constexpr,
+                        PREFETCH: tl.constexpr, LINES: tl.constexpr, LINE_ELEMENTS: tl.constexpr):
     """Conv + SiLU of this program's channels for BLOCK_M rows, and their share of x_proj (partial sums)."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     split = tl.program_id(1)
@@ -125,6 +148,10 @@ def _conv_x_proj_kernel(xz_ptr, conv_state_ptr, conv_w_ptr, conv_b_ptr, wx_ptr, 
     writes_state = mask_m if KEEP_STATES else mask_m & (t == span - 1)
     acc = tl.full((BLOCK_M, BLOCK_R), 0.0, tl.float32)
     c_end = tl.minimum(split * per_split + per_split, d_inner)
+    if PREFETCH:
+        if tl.program_id(0) == 0:  # one program per weight tile asks
+            _prefetch_rows(wx_ptr + offs_r * d_inner + split * per_split, mask_r, c_end - split * per_split, LINES,
+                           LINE_ELEMENTS)
     _wait_for_previous_kernel(USE_PDL)
     for c0 in range(split * per_split, c_end, BLOCK_K):
         cols = c0 + tl.arange(0, BLOCK_K)
@@ -172,8 +199,9 @@ def _scan_kernel(xz_ptr, xc_ptr, parts_ptr, wdt_ptr, dt_bias_ptr, A_log_ptr, D_p
     A = -tl.exp(tl.load(A_log_ptr + dn, mask=mask_dn, other=0.0).to(tl.float32))
     Dskip = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     dt_bias = tl.load(dt_bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    _wait_for_previous_kernel(USE_PDL)  # the parameters above are loaded while the previous kernel runs
+    # the state too: the kernel that wrote it ran at least two launches ago, so it has finished
     h = tl.load(ssm_ptr + b * d_inner * d_state + dn, mask=mask_dn, other=0.0)
+    _wait_for_previous_kernel(USE_PDL)  # everything above is loaded while the previous kernel runs
     for t in range(0, span):
         m = b * span + t
         dt_low = tl.full((BLOCK_R,), 0.0, tl.float32)
@@ -199,12 +227,18 @@ def _scan_kernel(xz_ptr, xc_ptr, parts_ptr, wdt_ptr, dt_bias_ptr, A_log_ptr, D_p
 @triton.jit
 def _out_proj_kernel(y_ptr, w_ptr, h_ptr, out_ptr, M, K, N,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
-                     USE_PDL: tl.constexpr):
+                     USE_PDL: tl.constexpr, PREFETCH: tl.constexpr, LINES: tl.constexpr, LINE_ELEMENTS: tl.constexpr):
     """out (M, N) fp32 = h + y @ w.T; y (M, K) in the weights' dtype, h (M, N) fp32."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = rows < M
     mask_n = cols < N
+    mask = mask_m[:, None] & mask_n[None, :]
+    if PREFETCH:
+        if tl.program_id(0) == 0:  # one program per weight tile asks
+            _prefetch_rows(w_ptr + cols * K, mask_n, K, LINES, LINE_ELEMENTS)
+    # the block's input, written four launches ago
+    residual = tl.load(h_ptr + rows[:, None] * N + cols[None, :], mask=mask, other=0.0)
     _wait_for_previous_kernel(USE_PDL)
     acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -213,8 +247,6 @@ def _out_proj_kernel(y_ptr, w_ptr, h_ptr, out_ptr, M, K, N,
         a = tl.load(y_ptr + rows[:, None] * K + ks[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         w = tl.load(w_ptr + cols[None, :] * K + ks[:, None], mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         acc += _dot(a, w, PRECISION)
-    mask = mask_m[:, None] & mask_n[None, :]
-    residual = tl.load(h_ptr + rows[:, None] * N + cols[None, :], mask=mask, other=0.0)
     tl.store(out_ptr + rows[:, None] * N + cols[None, :], residual + acc, mask=mask)
 
 
@@ -256,18 +288,27 @@ def _blocks(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
+def _prefetch(weight: Tensor, row_elements: int, launch: dict, tiles: dict) -> dict:
+    """The PREFETCH, LINES and LINE_ELEMENTS constexprs of a kernel whose programs read ``row_elements`` of each
+    of their rows of ``weight``: prefetching only pays where the kernel launches before the previous one ends."""
+    line_elements = 128 // weight.element_size()
+    return dict(PREFETCH=bool(tiles["prefetch"]) and launch["USE_PDL"], LINE_ELEMENTS=line_elements,
+                LINES=triton.next_power_of_2(triton.cdiv(row_elements, line_elements)))
+
+
 def norm_linear(hidden: Tensor, norm_weight: Tensor, eps: float, weight: Tensor) -> Tensor:
     """hidden (..., K) fp32 -> (rms_norm(hidden) * norm_weight) @ weight.T (..., N) fp32; weight (N, K)."""
     rows = hidden.reshape(-1, hidden.shape[-1]).float().contiguous()
     (M, K), N = rows.shape, weight.shape[0]
     out = torch.empty(M, N, device=hidden.device, dtype=torch.float32)
     tiles = _tiles(M)
+    launch = _launch(hidden.device)
     block_n, block_k = tiles["in_block_n"], tiles["in_block_k"]
     stages = _stages(((BLOCK_M + block_n) * weight.element_size() + BLOCK_M * 4) * block_k)
     _norm_linear_kernel[(triton.cdiv(M, BLOCK_M), triton.cdiv(N, block_n))](
         rows, norm_weight.to(weight.dtype), weight.contiguous(), out, M, K, N, eps, BLOCK_M=BLOCK_M, BLOCK_N=block_n,
         BLOCK_K=block_k, PRECISION=_precision(weight), num_warps=tiles["warps"], num_stages=stages,
-        **_launch(hidden.device))
+        **_prefetch(weight, K, launch, tiles), **launch)
     return out.reshape(*hidden.shape[:-1], N)
 
 
@@ -314,7 +355,8 @@ def block_span(hidden: Tensor, norm_weight: Tensor, eps: float, in_proj_weight: 
         x_proj_weight.contiguous(), xc, parts, conv_out, M, span, d_inner, n_out, per_split,
         KCONV=kernel, KEEP_STATES=keep_states, BLOCK_M=BLOCK_M, BLOCK_K=block_k, BLOCK_R=block_r,
         PRECISION=_precision(x_proj_weight), num_warps=tiles["conv_warps"] or tiles["warps"],
-        num_stages=_stages((block_r * x_proj_weight.element_size() + BLOCK_M * 4) * block_k), **launch)
+        num_stages=_stages((block_r * x_proj_weight.element_size() + BLOCK_M * 4) * block_k),
+        **_prefetch(x_proj_weight, per_split, launch, tiles), **launch)
     y = torch.empty(M, d_inner, device=hidden.device, dtype=dtype)
     block_d = _scan_block_d(batch, d_inner, tiles["scan_programs_per_sm"], hidden.device)
     _scan_kernel[(batch, triton.cdiv(d_inner, block_d))](
@@ -327,5 +369,6 @@ def block_span(hidden: Tensor, norm_weight: Tensor, eps: float, in_proj_weight: 
     _out_proj_kernel[(triton.cdiv(M, BLOCK_M), triton.cdiv(d_model, block_n))](
         y, out_proj_weight.contiguous(), rows, out, M, d_inner, d_model, BLOCK_M=BLOCK_M, BLOCK_N=block_n,
         BLOCK_K=block_k, PRECISION=_precision(out_proj_weight), num_warps=tiles["warps"],
-        num_stages=_stages((BLOCK_M + block_n) * block_k * out_proj_weight.element_size()), **launch)
+        num_stages=_stages((BLOCK_M + block_n) * block_k * out_proj_weight.element_size()),
+        **_prefetch(out_proj_weight, d_inner, launch, tiles), **launch)
     return out.reshape(batch, span, d_model), conv_out, ssm_out
