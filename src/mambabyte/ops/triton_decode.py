@@ -46,8 +46,8 @@ BLOCK_M = 16  # rows per program: tl.dot's smallest tile; decoding one row waste
 # state and out_proj's residual loaded before waiting: 424 -> 388 us/step at batch 1, 820 -> 791 at batch 64
 # (session 6). Tried and removed: the scan adding the split partial sums in an unrolled loop (batch 1 416.7 vs
 # ~423 us/step, batch 64 1,117 vs 829; and in fp32 not the bits of the loop on the GPU); the scan loading every
-# split's share as one tile (session 6: batch 1 387 -> ~370 us/step, but at batch 64 the registers cost 2x in
-# the scan, and in fp32 a span kept other state bits than its steps); the last conv program of a row block
+# split's share as one tile (session 6: no faster at batch 1 than this, its registers doubled the scan's time at
+# batch 64, and in fp32 a span kept other state bits than its steps); the last conv program of a row block
 # adding the shares (a ticket counter: its serial loads cost 6 us per layer).
 CONFIG = dict(in_block_n=32, in_block_k=256, out_block_n=32, out_block_k=256, conv_block_k=128, conv_splits=24,
               scan_programs_per_sm=4, warps=4, conv_warps=None, pdl=True, prefetch=True)
