@@ -27,13 +27,14 @@ from mambabyte.ops.dispatch import selective_scan
 
 # one parameter at a time, in this order, the best value kept. SHARED tiles may set a row's arithmetic (the
 # reduction order), so they are the same at every batch (a verification span must give the bits of single
-# steps): scored by the summed relative time over all batches. PER_ROWS tiles (output widths, L2 prefetches)
-# do not change a row's bits, so batch 1 keeps its own (CONFIG) and larger batches theirs (MANY_ROWS).
-# Programmatic dependent launch first, as the best tiles may depend on it.
+# steps): scored by the summed relative time over all batches. PER_ROWS tiles (output widths, L2 prefetches,
+# when the next kernel may launch) do not change a row's bits, so batch 1 keeps its own (CONFIG) and larger
+# batches theirs (MANY_ROWS). Programmatic dependent launch first, as the best tiles may depend on it.
 SHARED = dict(pdl=[True, False], in_block_k=[64, 128, 256], out_block_k=[256, 512, 1024],
               conv_block_k=[32, 64, 128, 256], conv_splits=[16, 24, 32, 48], warps=[2, 4, 8], conv_warps=[None, 8],
               scan_programs_per_sm=[1, 2, 4, 8])
-PER_ROWS = dict(in_block_n=[16, 32, 64], out_block_n=[16, 32, 64], prefetch=[True, False])
+PER_ROWS = dict(in_block_n=[16, 32, 64], out_block_n=[16, 32, 64], prefetch=[True, False],
+                early_launch=[False, True])
 HBM_BYTES_PER_S = 3.35e12  # H100 SXM datasheet
 
 

@@ -43,12 +43,12 @@ VARIANTS = [
           LINE_ELEMENTS=64), 4),
     *[(f"decode conv + x_proj, BLOCK_K {block_k}", triton_decode._conv_x_proj_kernel,
        dict(KCONV=4, KEEP_STATES=False, BLOCK_M=16, BLOCK_K=block_k, BLOCK_R=128, PRECISION="tf32", USE_PDL=True,
-            PREFETCH=True, LINES=block_k // 64, LINE_ELEMENTS=64), warps) for block_k, warps in ((128, 4), (64, 8))],
+            EARLY_LAUNCH=False, PREFETCH=True, LINES=block_k // 64, LINE_ELEMENTS=64), warps) for block_k, warps in ((128, 4), (64, 8))],
     ("decode scan", triton_decode._scan_kernel,
-     dict(KEEP_STATES=False, BLOCK_D=16, BLOCK_R=64, BLOCK_N=16, USE_PDL=True), 4),
+     dict(KEEP_STATES=False, BLOCK_D=16, BLOCK_R=64, BLOCK_N=16, USE_PDL=True, EARLY_LAUNCH=False), 4),
     ("decode out_proj + residual", triton_decode._out_proj_kernel,
-     dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, PRECISION="tf32", USE_PDL=True, PREFETCH=True, LINES=32,
-          LINE_ELEMENTS=64), 4),
+     dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, PRECISION="tf32", USE_PDL=True, EARLY_LAUNCH=False, PREFETCH=True,
+          LINES=32, LINE_ELEMENTS=64), 4),
 ]
 COUNTED = ("FFMA", "FMUL", "FADD", "MUFU", "SHFL", "LDG", "STG", "REDG", "LDS", "STS", "BAR")
 TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"

@@ -16,10 +16,13 @@ decoding's verification agrees exactly with plain decoding. Conv inputs are roun
 dtype before use, as they are when they come back from the state.
 
 Programmatic dependent launch (Hopper, ``CONFIG["pdl"]``): each kernel is launched while the previous one
-runs, asks L2 for its weights (``prefetch``), loads what the previous kernel does not write (parameters; the
-scan's state and out_proj's residual, written at least two launches before: a launch starts only once the
-kernel before its predecessor has finished) and then waits (``gdc_wait``) for the previous kernel to finish
-before it reads that kernel's output or writes anything, so launch gaps and memory latency overlap work.
+runs, asks L2 for its weights (``prefetch``), loads what the previous kernels do not write (parameters; the
+scan's state and out_proj's residual) and then waits (``gdc_wait``) for the previous kernel to finish before it
+reads that kernel's output or writes anything, so launch gaps and memory latency overlap work. A kernel lets
+the next one launch once it has waited; with ``early_launch`` (a per-row-count tile) the conv, scan and
+out_proj kernels do so as they start. norm + in_proj always waits first, so every launch after it in the block
+starts after the previous block (and all before it) has finished: the state and residual loaded early are
+complete.
 
 Runs on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (how CI tests it).
 """
@@ -45,13 +48,15 @@ BLOCK_M = 16  # rows per program: tl.dot's smallest tile; decoding one row waste
 # 0.3% (8: +27% at batch 64). prefetch (L2 prefetch of the weights before waiting, with pdl) and the scan's
 # state and out_proj's residual loaded before waiting: 424 -> 388 us/step at batch 1, 820 -> 791 at batch 64
 # (session 6). Tried and removed: the scan adding the split partial sums in an unrolled loop (batch 1 416.7 vs
-# ~423 us/step, batch 64 1,117 vs 829; and in fp32 not the bits of the loop on the GPU); the scan loading every
+# ~423 us/step, batch 64 1,117 vs 829; and in fp32 not the bits of the loop on the GPU). early_launch: batch 1
+# 387 -> 430 us/step, batch 64 789 -> 781 (session 6), so only for many rows. Also tried: the scan loading every
 # split's share as one tile (session 6: no faster at batch 1 than this, its registers doubled the scan's time at
 # batch 64, and in fp32 a span kept other state bits than its steps); the last conv program of a row block
 # adding the shares (a ticket counter: its serial loads cost 6 us per layer).
 CONFIG = dict(in_block_n=32, in_block_k=256, out_block_n=32, out_block_k=256, conv_block_k=128, conv_splits=24,
-              scan_programs_per_sm=4, warps=4, conv_warps=None, pdl=True, prefetch=True)
-MANY_ROWS = dict(in_block_n=64, out_block_n=64)
+              scan_programs_per_sm=4, warps=4, conv_warps=None, pdl=True, prefetch=True,
+              early_launch=False)
+MANY_ROWS = dict(in_block_n=64, out_block_n=64, early_launch=True)
 
 
 def _tiles(rows: int) -> dict:
@@ -70,9 +75,16 @@ def _precision(weight: Tensor) -> str:
 @triton.jit
 def _wait_for_previous_kernel(USE_PDL: tl.constexpr):
     """With programmatic dependent launch: wait until the previous kernel has finished and its writes are
-    visible, then let the next kernel launch (it will wait likewise). Without it, nothing to do."""
+    visible. Without it, nothing to do."""
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
+
+
+@triton.jit
+def _let_next_kernel_launch(USE_PDL: tl.constexpr):
+    """With programmatic dependent launch: the next kernel may launch now (it waits likewise before reading
+    what this one writes). Without it, nothing to do."""
+    if USE_PDL:
         tl.extra.cuda.gdc_launch_dependents()
 
 
@@ -109,6 +121,7 @@ def _norm_linear_kernel(h_ptr, norm_ptr, w_ptr, out_ptr, M, K, N, eps,
         if tl.program_id(0) == 0:  # one program per weight tile asks
             _prefetch_rows(w_ptr + cols * K, mask_n, K, LINES, LINE_ELEMENTS)
     _wait_for_previous_kernel(USE_PDL)
+    _let_next_kernel_launch(USE_PDL)  # only now: what launches after this kernel may read the block's input
     squares = tl.full((BLOCK_M,), 0.0, tl.float32)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
@@ -134,8 +147,11 @@ def _conv_x_proj_kernel(xz_ptr, conv_state_ptr, conv_w_ptr, conv_b_ptr, wx_ptr, 
                         M, span, d_inner, n_out, per_split,
                         KCONV: tl.constexpr, KEEP_STATES: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr, USE_PDL: tl.constexpr,
-                        PREFETCH: tl.constexpr, LINES: tl.constexpr, LINE_ELEMENTS: tl.constexpr):
+                        EARLY_LAUNCH: tl.constexpr, PREFETCH: tl.constexpr, LINES: tl.constexpr,
+                        LINE_ELEMENTS: tl.constexpr):
     """Conv + SiLU of this program's channels for BLOCK_M rows, and their share of x_proj (partial sums)."""
+    if EARLY_LAUNCH:
+        _let_next_kernel_launch(USE_PDL)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     split = tl.program_id(1)
     mask_m = rows < M
@@ -153,6 +169,8 @@ def _conv_x_proj_kernel(xz_ptr, conv_state_ptr, conv_w_ptr, conv_b_ptr, wx_ptr, 
             _prefetch_rows(wx_ptr + offs_r * d_inner + split * per_split, mask_r, c_end - split * per_split, LINES,
                            LINE_ELEMENTS)
     _wait_for_previous_kernel(USE_PDL)
+    if not EARLY_LAUNCH:
+        _let_next_kernel_launch(USE_PDL)
     for c0 in range(split * per_split, c_end, BLOCK_K):
         cols = c0 + tl.arange(0, BLOCK_K)
         mask_c = cols < c_end
@@ -183,8 +201,10 @@ def _conv_x_proj_kernel(xz_ptr, conv_state_ptr, conv_w_ptr, conv_b_ptr, wx_ptr, 
 def _scan_kernel(xz_ptr, xc_ptr, parts_ptr, wdt_ptr, dt_bias_ptr, A_log_ptr, D_ptr, ssm_ptr, y_ptr, ssm_out_ptr,
                  M, span, d_inner, dt_rank, d_state, n_out, n_splits,
                  KEEP_STATES: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-                 USE_PDL: tl.constexpr):
+                 USE_PDL: tl.constexpr, EARLY_LAUNCH: tl.constexpr):
     """dt_proj, softplus, the state update, readout, D skip and gate for BLOCK_D channels of one sequence."""
+    if EARLY_LAUNCH:
+        _let_next_kernel_launch(USE_PDL)
     b = tl.program_id(0)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_r = tl.arange(0, BLOCK_R)
@@ -202,6 +222,8 @@ def _scan_kernel(xz_ptr, xc_ptr, parts_ptr, wdt_ptr, dt_bias_ptr, A_log_ptr, D_p
     # the state too: the kernel that wrote it ran at least two launches ago, so it has finished
     h = tl.load(ssm_ptr + b * d_inner * d_state + dn, mask=mask_dn, other=0.0)
     _wait_for_previous_kernel(USE_PDL)  # everything above is loaded while the previous kernel runs
+    if not EARLY_LAUNCH:
+        _let_next_kernel_launch(USE_PDL)
     for t in range(0, span):
         m = b * span + t
         dt_low = tl.full((BLOCK_R,), 0.0, tl.float32)
@@ -227,8 +249,11 @@ def _scan_kernel(xz_ptr, xc_ptr, parts_ptr, wdt_ptr, dt_bias_ptr, A_log_ptr, D_p
 @triton.jit
 def _out_proj_kernel(y_ptr, w_ptr, h_ptr, out_ptr, M, K, N,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
-                     USE_PDL: tl.constexpr, PREFETCH: tl.constexpr, LINES: tl.constexpr, LINE_ELEMENTS: tl.constexpr):
+                     USE_PDL: tl.constexpr, EARLY_LAUNCH: tl.constexpr, PREFETCH: tl.constexpr, LINES: tl.constexpr,
+                     LINE_ELEMENTS: tl.constexpr):
     """out (M, N) fp32 = h + y @ w.T; y (M, K) in the weights' dtype, h (M, N) fp32."""
+    if EARLY_LAUNCH:
+        _let_next_kernel_launch(USE_PDL)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = rows < M
@@ -240,6 +265,8 @@ def _out_proj_kernel(y_ptr, w_ptr, h_ptr, out_ptr, M, K, N,
     # the block's input, written four launches ago
     residual = tl.load(h_ptr + rows[:, None] * N + cols[None, :], mask=mask, other=0.0)
     _wait_for_previous_kernel(USE_PDL)
+    if not EARLY_LAUNCH:
+        _let_next_kernel_launch(USE_PDL)
     acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
@@ -356,19 +383,19 @@ def block_span(hidden: Tensor, norm_weight: Tensor, eps: float, in_proj_weight: 
         KCONV=kernel, KEEP_STATES=keep_states, BLOCK_M=BLOCK_M, BLOCK_K=block_k, BLOCK_R=block_r,
         PRECISION=_precision(x_proj_weight), num_warps=tiles["conv_warps"] or tiles["warps"],
         num_stages=_stages((block_r * x_proj_weight.element_size() + BLOCK_M * 4) * block_k),
-        **_prefetch(x_proj_weight, per_split, launch, tiles), **launch)
+        EARLY_LAUNCH=tiles["early_launch"], **_prefetch(x_proj_weight, per_split, launch, tiles), **launch)
     y = torch.empty(M, d_inner, device=hidden.device, dtype=dtype)
     block_d = _scan_block_d(batch, d_inner, tiles["scan_programs_per_sm"], hidden.device)
     _scan_kernel[(batch, triton.cdiv(d_inner, block_d))](
         xz, xc, parts, dt_proj_weight.contiguous(), dt_bias, A_log.contiguous(), D,
         ssm_state.float().contiguous(), y, ssm_out, M, span, d_inner, dt_rank, d_state, n_out, splits,
         KEEP_STATES=keep_states, BLOCK_D=block_d, BLOCK_R=_blocks(dt_rank),
-        BLOCK_N=max(2, triton.next_power_of_2(d_state)), num_warps=4, **launch)
+        BLOCK_N=max(2, triton.next_power_of_2(d_state)), EARLY_LAUNCH=tiles["early_launch"], num_warps=4, **launch)
     out = torch.empty_like(rows)
     block_n, block_k = tiles["out_block_n"], tiles["out_block_k"]
     _out_proj_kernel[(triton.cdiv(M, BLOCK_M), triton.cdiv(d_model, block_n))](
         y, out_proj_weight.contiguous(), rows, out, M, d_inner, d_model, BLOCK_M=BLOCK_M, BLOCK_N=block_n,
         BLOCK_K=block_k, PRECISION=_precision(out_proj_weight), num_warps=tiles["warps"],
         num_stages=_stages((BLOCK_M + block_n) * block_k * out_proj_weight.element_size()),
-        **_prefetch(out_proj_weight, d_inner, launch, tiles), **launch)
+        EARLY_LAUNCH=tiles["early_launch"], **_prefetch(out_proj_weight, d_inner, launch, tiles), **launch)
     return out.reshape(batch, span, d_model), conv_out, ssm_out
