@@ -219,7 +219,7 @@ def _scan_kernel(xz_ptr, xc_ptr, parts_ptr, wdt_ptr, dt_bias_ptr, A_log_ptr, D_p
     A = -tl.exp(tl.load(A_log_ptr + dn, mask=mask_dn, other=0.0).to(tl.float32))
     Dskip = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     dt_bias = tl.load(dt_bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    # the state too: the kernel that wrote it ran at least two launches ago, so it has finished
+    # the state too: written before this block's norm + in_proj, which waited for it (see the module docstring)
     h = tl.load(ssm_ptr + b * d_inner * d_state + dn, mask=mask_dn, other=0.0)
     _wait_for_previous_kernel(USE_PDL)  # everything above is loaded while the previous kernel runs
     if not EARLY_LAUNCH:
@@ -262,7 +262,7 @@ def _out_proj_kernel(y_ptr, w_ptr, h_ptr, out_ptr, M, K, N,
     if PREFETCH:
         if tl.program_id(0) == 0:  # one program per weight tile asks
             _prefetch_rows(w_ptr + cols * K, mask_n, K, LINES, LINE_ELEMENTS)
-    # the block's input, written four launches ago
+    # the block's input: written before its norm + in_proj, which waited for it
     residual = tl.load(h_ptr + rows[:, None] * N + cols[None, :], mask=mask, other=0.0)
     _wait_for_previous_kernel(USE_PDL)
     if not EARLY_LAUNCH:
